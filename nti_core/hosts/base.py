@@ -1,0 +1,160 @@
+"""The seam between a host (diffusers, ComfyUI) and the attention controller.
+
+Both hosts hand a controller the same picture of a batch: every row is labelled with its branch
+(conditional or unconditional) and its prompt slot (0 = source, 1… = targets); the step comes from
+the schedule, the site is a stable id of the attention layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+
+class Rows(NamedTuple):
+    """Per-row labels of a batch: ``branch`` True = conditional; ``slot`` 0 = source, 1… = targets."""
+
+    branch: Tensor  # [B] bool
+    slot: Tensor  # [B] int64
+
+    @staticmethod
+    def make(branches: list[bool], slots: list[int], device: torch.device | str = "cpu") -> Rows:
+        return Rows(
+            torch.tensor(branches, dtype=torch.bool, device=device),
+            torch.tensor(slots, dtype=torch.long, device=device),
+        )
+
+    @staticmethod
+    def cond(n_slots: int, device: torch.device | str = "cpu") -> Rows:
+        """Conditional rows only, one per prompt slot."""
+        return Rows.make([True] * n_slots, list(range(n_slots)), device)
+
+    @staticmethod
+    def cfg(n_slots: int, device: torch.device | str = "cpu") -> Rows:
+        """[uncond slots 0..n-1 | cond slots 0..n-1]: the layout the samplers here build."""
+        return Rows.make(
+            [False] * n_slots + [True] * n_slots, list(range(n_slots)) * 2, device
+        )
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return int(self.branch.shape[0])
+
+
+class Site(NamedTuple):
+    """Stable id of one attention layer: ComfyUI's (block, number, depth) plus self/cross."""
+
+    block: str  # "input" | "middle" | "output"
+    index: int
+    depth: int
+    cross: bool
+
+    def __str__(self) -> str:
+        return f"{self.block}.{self.index}.{self.depth}.{'attn2' if self.cross else 'attn1'}"
+
+
+class Controller(Protocol):
+    """Owns one run's attention state; never learns who hosts it."""
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        heads: int,
+        site: Site,
+        hw: tuple[int, int],
+        step: int,
+        rows: Rows,
+    ) -> Tensor:
+        """q [B, Nq, h·d], k/v [B, Nk, h·d] (projected) → attention output [B, Nq, h·d].
+
+        ``hw`` is the query map's (height, width); ``step`` the sampling step index (0 = noisiest).
+        """
+        ...
+
+    def after_step(self, step: int, latents: Tensor) -> Tensor:
+        """Called by the sampler after each denoising step with the latents of all slots."""
+        ...
+
+
+class Denoiser(Protocol):
+    """A host's UNet: ε for latents at an integer timestep, with the controller's hooks installed."""
+
+    def eps(
+        self,
+        z: Tensor,
+        t: int,
+        context: Tensor,
+        *,
+        rows: Rows | None = None,
+        step: int | None = None,
+        controller: Controller | None = None,
+        value_context: Tensor | None = None,
+    ) -> Tensor:
+        """z [B, 4, h, w], context [B, L, D] (one row per latent) → ε [B, 4, h, w].
+
+        ``rows`` default: all conditional, slots 0..B-1. ``step`` is what the controller is told.
+        ``value_context`` (same shape as context) feeds the values of conditional cross-attention.
+        Gradients flow to ``context`` when it requires grad.
+        """
+        ...
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ of the model's training schedule, [1000] float64."""
+        ...
+
+    def fingerprint(self) -> Tensor:
+        """A small float64 vector that identifies the weights (compare with ``same_model``)."""
+        ...
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Plain multi-head attention on projected q/k/v [B, N, h·d] → [B, Nq, h·d]."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    q, k, v = (x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, N, h·d] → [B, h, N, d]."""
+    b, n, inner = x.shape
+    return x.reshape(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, h, N, d] → [B, N, h·d]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attention_probs(q: Tensor, k: Tensor, heads: int) -> Tensor:
+    """softmax(QKᵀ/√d) per head: q [B, Nq, h·d], k [B, Nk, h·d] → [B, h, Nq, Nk] (fp32 softmax)."""
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    scale = qh.shape[-1] ** -0.5
+    scores = torch.matmul(qh.float() * scale, kh.float().transpose(-1, -2))
+    return scores.softmax(dim=-1).to(q.dtype)
+
+
+def model_fingerprint(tensors: list[Tensor]) -> Tensor:
+    """Name-free weight fingerprint: the sorted per-tensor (mean, std) values, float64.
+
+    Independent of key names and storage dtype, so the same weights loaded by two hosts agree
+    to ~1e-3 relative; different weights differ by far more.
+    """
+    stats = []
+    for t in tensors:
+        t64 = t.detach().to(device="cpu", dtype=torch.float64)
+        stats.append(t64.mean())
+        stats.append(t64.std() if t64.numel() > 1 else t64.new_zeros(()))
+    return torch.stack(stats).sort().values if stats else torch.zeros(0, dtype=torch.float64)
+
+
+def same_model(a: Tensor, b: Tensor, rtol: float = 1e-3, atol: float = 1e-6) -> bool:
+    """Whether two fingerprints come from the same weights (tolerant to fp16/fp32 storage)."""
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))

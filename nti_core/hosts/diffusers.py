@@ -1,0 +1,155 @@
+"""The diffusers host: ε from a ``UNet2DConditionModel`` with the controller behind attention processors.
+
+The only module of nti_core that imports diffusers. Processors are installed with the UNet's own
+``set_attn_processor`` (no reassigned ``forward``); without a controller they compute exactly what
+diffusers' ``AttnProcessor2_0`` computes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Controller, Rows, Site, model_fingerprint, sdpa
+
+_NAME = re.compile(
+    r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])"
+)
+
+
+def site_of(name: str, layers_per_block: int) -> Site:
+    """diffusers processor name → ComfyUI's (block, number, depth) id, e.g.
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn2`` → input 4 depth 0 cross (SD1.5)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(f"not a transformer attention layer: {name}")
+    kind, block, attn, depth, which = m.groups()
+    if kind == "down":
+        block_name, index = "input", 1 + int(block) * (layers_per_block + 1) + int(attn)
+    elif kind == "up":
+        block_name, index = "output", int(block) * (layers_per_block + 1) + int(attn)
+    else:
+        block_name, index = "middle", 0
+    return Site(block_name, index, int(depth), which == "attn2")
+
+
+def map_hw(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """(h, w) of the feature map with ``tokens`` positions inside a UNet fed ``latent_hw``
+    (each downsample halves with ceil, as a stride-2 conv with padding 1 does)."""
+    h, w = latent_hw
+    while h * w > tokens:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != tokens:
+        raise ValueError(f"cannot place {tokens} attention positions in a {latent_hw} latent")
+    return h, w
+
+
+@dataclass
+class _Call:
+    """What the processors need to know about the UNet call under way."""
+
+    controller: Controller | None = None
+    rows: Rows | None = None
+    step: int = -1
+    latent_hw: tuple[int, int] = (0, 0)
+    value_context: Tensor | None = None
+
+
+class _Processor:
+    """AttnProcessor2_0's computation with the attention itself handed to the controller."""
+
+    def __init__(self, call: _Call, site: Site) -> None:
+        self.call = call
+        self.site = site
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("nti_core's processor supports SD1.x transformer attention only")
+        residual = hidden_states
+        c = self.call
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        values = c.value_context if (self.site.cross and c.value_context is not None) else context
+        v = attn.to_v(values)
+        if c.controller is None:
+            out = sdpa(q, k, v, attn.heads)
+        else:
+            assert c.rows is not None
+            hw = map_hw(c.latent_hw, hidden_states.shape[1])
+            out = c.controller.attend(
+                q, k, v, heads=attn.heads, site=self.site, hw=hw, step=c.step, rows=c.rows
+            )
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class DiffusersDenoiser:
+    """Denoiser over a diffusers UNet (ε-prediction, SD 1.x). Installs its processors on ``unet``."""
+
+    def __init__(self, unet, alphas_cumprod: Tensor) -> None:
+        self.unet = unet
+        self._alphas = alphas_cumprod.detach().to(torch.float64).cpu()
+        self._call = _Call()
+        lpb = int(unet.config.layers_per_block)
+        names = list(unet.attn_processors.keys())
+        self.sites = {n: site_of(n, lpb) for n in names}
+        unet.set_attn_processor({n: _Processor(self._call, s) for n, s in self.sites.items()})
+        unet.requires_grad_(False)
+        self._fingerprint: Tensor | None = None
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self._alphas
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def fingerprint(self) -> Tensor:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(list(self.unet.parameters()))
+        return self._fingerprint
+
+    def eps(
+        self,
+        z: Tensor,
+        t: int,
+        context: Tensor,
+        *,
+        rows: Rows | None = None,
+        step: int | None = None,
+        controller: Controller | None = None,
+        value_context: Tensor | None = None,
+    ) -> Tensor:
+        b = z.shape[0]
+        if context.shape[0] != b:
+            raise ValueError(f"{b} latents need {b} context rows, got {context.shape[0]}")
+        if rows is None:
+            rows = Rows.cond(b, device=z.device)
+        if controller is not None and step is None:
+            raise ValueError("a controller needs the step index")
+        vctx = None
+        if value_context is not None:
+            keep = rows.branch.to(z.device)[:, None, None]
+            vctx = torch.where(keep, value_context.to(context), context).to(self.dtype)
+        c = self._call
+        c.controller, c.rows, c.step = controller, rows, -1 if step is None else step
+        c.latent_hw, c.value_context = (int(z.shape[2]), int(z.shape[3])), vctx
+        try:
+            ts = torch.full((b,), int(t), device=z.device, dtype=torch.long)
+            out = self.unet(z.to(self.dtype), ts, encoder_hidden_states=context.to(self.dtype)).sample
+        finally:
+            c.controller, c.rows, c.value_context = None, None, None
+        return out.to(z.dtype)

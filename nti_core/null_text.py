@@ -1,0 +1,129 @@
+"""Null-text optimisation (Mokady et al. 2023, Algorithm 1) and negative-prompt inversion.
+
+Notation: ∅_i = unconditional embedding of step i (i = 0 is the noisiest), w = guidance,
+z̄ = the latent being walked down, z* = the pivot trajectory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .hosts.base import Denoiser, same_model
+from .progress import Progress, no_progress
+from .schedule import sample_step
+from .trajectory import Trajectory, UncondEmbeddings, stack
+from .validate import check_context
+
+
+@dataclass(frozen=True)
+class NullTextOptions:
+    """Constants of the reference (REFERENCE §3)."""
+
+    guidance: float = 7.5
+    inner_steps: int = 10
+    early_stop: float = 1e-5  # stop when loss < early_stop + i · early_stop_slope
+    early_stop_slope: float = 2e-5
+    lr: float = 1e-2  # lr_i = lr · (1 − i / lr_decay_steps)
+    lr_decay_steps: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not self.guidance > 0:
+            raise ValueError(f"guidance must be positive, got {self.guidance}")
+        if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
+            raise ValueError(f"inner iterations must be a positive integer, got {self.inner_steps!r}")
+        if self.early_stop < 0 or self.lr <= 0:
+            raise ValueError(f"early stop must be ≥ 0 and lr > 0, got {self.early_stop}, {self.lr}")
+
+
+def check_trajectory_model(traj: Trajectory, denoiser: Denoiser) -> None:
+    """Refuse a trajectory made with other weights."""
+    if not same_model(traj.fingerprint, denoiser.fingerprint()):
+        raise ValueError(
+            "this inversion was made with a different model: invert the image again with this "
+            "model (or load the model it was made with)"
+        )
+
+
+def null_text_optimize(
+    denoiser: Denoiser,
+    traj: Trajectory,
+    null_embedding: Tensor,
+    options: NullTextOptions = NullTextOptions(),
+    *,
+    progress: Progress = no_progress,
+) -> UncondEmbeddings:
+    """Per-step ∅_i [N, L, D] that make CFG sampling at guidance w retrace the pivot.
+
+    At step i: ε_c = ε(z̄, t_i, C) once; K times: ε = ε_∅ + w(ε_c − ε_∅), z̃ = DDIM(z̄, ε),
+    loss = MSE(z̃, z*_{N−1−i}), Adam on ∅ (fresh, lr_i); then z̄ ← DDIM with ∅_i. ``progress`` is
+    told once per step. The final CFG pass reuses ε_c (the reference recomputes it).
+    """
+    check_context(null_embedding, "null embedding")
+    if null_embedding.shape[1:] != traj.embedding.shape[1:]:
+        raise ValueError(
+            f"null embedding {tuple(null_embedding.shape)} does not match the source "
+            f"embedding {tuple(traj.embedding.shape)}"
+        )
+    o = options
+    grid, n, cond = traj.grid, traj.num_steps, traj.embedding
+    z = traj.latents[n : n + 1].float()
+    uncond = null_embedding.detach().float().clone()
+    out: list[Tensor] = []
+    first: list[float] = []
+    final: list[float] = []
+    iters: list[int] = []
+    start = time.perf_counter()
+    for i in range(n):
+        t = grid.timesteps[i]
+        target = traj.latents[n - 1 - i : n - i].float()
+        with torch.no_grad():
+            eps_c = denoiser.eps(z, t, cond, step=i)
+        uncond = uncond.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([uncond], lr=o.lr * (1.0 - i / o.lr_decay_steps))
+        threshold = o.early_stop + i * o.early_stop_slope
+        for k in range(o.inner_steps):
+            eps_u = denoiser.eps(z, t, uncond, step=i)
+            z_rec = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
+            loss = F.mse_loss(z_rec, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.item()
+            if k == 0:
+                first.append(value)
+            if value < threshold:
+                break
+        final.append(value)
+        iters.append(k + 1)
+        uncond = uncond.detach()
+        out.append(uncond)
+        with torch.no_grad():
+            eps_u = denoiser.eps(z, t, uncond, step=i)
+            z = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
+        progress(1)
+    return UncondEmbeddings(
+        embeddings=stack(out),
+        method="null-text",
+        guidance=o.guidance,
+        final_loss=final,
+        first_loss=first,
+        iterations=iters,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def negative_prompt_inversion(traj: Trajectory, guidance: float = 7.5) -> UncondEmbeddings:
+    """NPI (Miyake et al. 2023): ∅_i := C for every step — no optimisation."""
+    emb = traj.embedding.detach().expand(traj.num_steps, -1, -1).clone()
+    return UncondEmbeddings(embeddings=emb, method="negative-prompt", guidance=guidance)
+
+
+def plain_null(traj: Trajectory, null_embedding: Tensor, guidance: float = 7.5) -> UncondEmbeddings:
+    """The un-inverted baseline: ∅ = embedding of "" at every step."""
+    emb = null_embedding.detach().expand(traj.num_steps, -1, -1).clone()
+    return UncondEmbeddings(embeddings=emb, method="null", guidance=guidance)

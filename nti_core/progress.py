@@ -1,0 +1,26 @@
+"""Progress reporting and cancellation, host-agnostic: the CLI passes tqdm, ComfyUI its ProgressBar."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+
+class Progress(Protocol):
+    """Told once per unit of work; may raise to cancel (ComfyUI's interrupt check does)."""
+
+    def __call__(self, done: int = 1) -> None: ...
+
+
+def no_progress(done: int = 1) -> None:
+    """The default: report nothing, never cancel."""
+
+
+def chain(*callbacks: Callable[[int], None] | None) -> Progress:
+    """One callback that calls each of the given ones (None entries are skipped)."""
+    live = [c for c in callbacks if c is not None]
+
+    def call(done: int = 1) -> None:
+        for c in live:
+            c(done)
+
+    return call

@@ -1,0 +1,61 @@
+"""Classifier-free-guided DDIM sampling from the pivot, with Prompt-to-Prompt control (REFERENCE §5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .hosts.base import Controller, Denoiser, Rows
+from .progress import Progress, no_progress
+from .schedule import sample_step
+from .trajectory import Trajectory, UncondEmbeddings
+from .validate import check_context
+
+
+@torch.no_grad()
+def p2p_sample(
+    denoiser: Denoiser,
+    traj: Trajectory,
+    uncond: UncondEmbeddings,
+    contexts: Tensor,
+    *,
+    guidance: float | None = None,
+    controller: Controller | None = None,
+    value_contexts: Tensor | None = None,
+    progress: Progress = no_progress,
+) -> Tensor:
+    """Source and targets as one batch from z*_T → latents [S, 4, h, w] (row 0 = reconstruction).
+
+    contexts [S, L, D]: slot 0 = the source prompt, 1… = targets. Each step runs rows
+    [∅_i × S | contexts] (branch-labelled), ε = ε_∅ + w(ε_c − ε_∅), DDIM, then
+    ``controller.after_step`` (LocalBlend). ``guidance`` defaults to the one ∅ was optimised for.
+    """
+    check_context(contexts, "prompt embeddings", batch=None)
+    if uncond.num_steps != traj.num_steps:
+        raise ValueError(
+            f"the unconditional embeddings have {uncond.num_steps} steps but the inversion has "
+            f"{traj.num_steps}: optimise them on this inversion"
+        )
+    if value_contexts is not None and value_contexts.shape != contexts.shape:
+        raise ValueError(
+            f"value embeddings {tuple(value_contexts.shape)} must match {tuple(contexts.shape)}"
+        )
+    w = uncond.guidance if guidance is None else guidance
+    s = contexts.shape[0]
+    grid = traj.grid
+    rows = Rows.cfg(s, device=contexts.device)
+    z = traj.z_T.expand(s, -1, -1, -1).clone()
+    for i in range(traj.num_steps):
+        null = uncond.at(i).to(contexts).expand(s, -1, -1)
+        ctx = torch.cat([null, contexts])
+        vctx = None if value_contexts is None else torch.cat([null, value_contexts])
+        eps = denoiser.eps(
+            torch.cat([z, z]), grid.timesteps[i], ctx,
+            rows=rows, step=i, controller=controller, value_context=vctx,
+        )
+        eps_u, eps_c = eps.chunk(2)
+        z = sample_step(grid, i, z, eps_u + w * (eps_c - eps_u))
+        if controller is not None:
+            z = controller.after_step(i, z)
+        progress(1)
+    return z

@@ -1,0 +1,30 @@
+"""Checks that fail early with what was expected and what was received."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def check_latent(z: Tensor, name: str = "latent", batch: int | None = 1) -> None:
+    """A latent must be [B, C, h, w] with finite values."""
+    if z.ndim != 4:
+        raise ValueError(f"{name} must be [B, C, h, w], got shape {tuple(z.shape)}")
+    if batch is not None and z.shape[0] != batch:
+        raise ValueError(f"{name} must hold {batch} image(s), got a batch of {z.shape[0]}")
+    if not z.isfinite().all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_context(c: Tensor, name: str = "embedding", batch: int | None = 1) -> None:
+    """A text embedding must be [B, L, D]."""
+    if c.ndim != 3:
+        raise ValueError(f"{name} must be [B, tokens, dim], got shape {tuple(c.shape)}")
+    if batch is not None and c.shape[0] != batch:
+        raise ValueError(f"{name} must have batch {batch}, got {c.shape[0]}")
+
+
+def check_prompt(text: str, name: str = "prompt") -> str:
+    """A prompt must have at least one word."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{name} is empty: write what the image shows, e.g. 'a cat sitting next to a mirror'")
+    return text.strip()
