@@ -1,0 +1,162 @@
+"""Attention controllers that read maps: the pass-through and the cross-attention store.
+
+A controller sees projected q/k/v and the labels of each row (branch, slot); it never counts
+calls nor assumes [uncond | cond] halves. Rows of each branch are always processed as their own
+sub-batch, so a batch gives the same result whether both branches arrive in one call or two.
+Maps are softmax(QKᵀ/√d) averaged over heads (P2P's ``AttentionStore``, Hertz et al. 2022).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ..hosts.base import Rows, Site, attention_probs, merge_heads, sdpa, split_heads
+
+MAX_MAP_PIXELS = 32 * 32  # the reference stores / injects only for query maps up to 32×32
+
+Branch = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (q, k, v, row_index) → out
+
+
+def probs_times_v(p: Tensor, v: Tensor) -> Tensor:
+    """Attention output from probabilities: p [B, h, Nq, Nk], v [B, Nk, h·d] → [B, Nq, h·d]."""
+    return merge_heads(torch.matmul(p, split_heads(v, p.shape[1]).to(p.dtype))).to(v.dtype)
+
+
+def by_branch(q: Tensor, k: Tensor, v: Tensor, rows: Rows, uncond: Branch, cond: Branch) -> Tensor:
+    """Run ``uncond`` on the unconditional rows and ``cond`` on the conditional rows, reassembled.
+
+    Each function gets its sub-batch and the indices of those rows in the call.
+    """
+    if len(rows) != q.shape[0]:
+        raise ValueError(f"rows label {len(rows)} rows but q has batch {q.shape[0]}")
+    branch = rows.branch.to(q.device)
+    if bool(branch.all()):
+        return cond(q, k, v, torch.arange(q.shape[0], device=q.device))
+    if not bool(branch.any()):
+        return uncond(q, k, v, torch.arange(q.shape[0], device=q.device))
+    iu, ic = (~branch).nonzero().squeeze(1), branch.nonzero().squeeze(1)
+    out_u = uncond(q[iu], k[iu], v[iu], iu)
+    out_c = cond(q[ic], k[ic], v[ic], ic)
+    order = torch.cat([iu, ic]).argsort()
+    return torch.cat([out_u, out_c])[order]
+
+
+class Identity:
+    """No edit, nothing read: plain scaled-dot-product attention."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, heads: int, site: Site,
+               hw: tuple[int, int], step: int, rows: Rows) -> Tensor:
+        return sdpa(q, k, v, heads)
+
+    def after_step(self, step: int, latents: Tensor) -> Tensor:
+        return latents
+
+
+class AttentionStore:
+    """Stores conditional cross-attention maps (mean over heads) of query maps ≤ ``max_pixels``.
+
+    Keeps, per (site, slot), the sum over calls of the [Nq, Nk] map and the number of calls
+    (``average`` = sum / count, ``sums`` = the reference's ``attention_store``); optionally the
+    maps of chosen steps (latest call wins) for StyleDiffusion's attention loss. Sums are detached;
+    step maps keep the graph when ``detach=False``.
+    """
+
+    def __init__(
+        self,
+        max_pixels: int = MAX_MAP_PIXELS,
+        record_steps: Iterable[int] | bool = False,
+        record_hw: Iterable[tuple[int, int]] | None = None,
+        detach: bool = True,
+    ) -> None:
+        self.max_pixels = max_pixels
+        self.record_steps = record_steps if isinstance(record_steps, bool) else set(record_steps)
+        self.record_hw = None if record_hw is None else {tuple(hw) for hw in record_hw}
+        self.detach = detach
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every stored map."""
+        self._sum: dict[tuple[Site, int], Tensor] = {}
+        self._count: dict[tuple[Site, int], int] = {}
+        self._hw: dict[Site, tuple[int, int]] = {}
+        self._steps: dict[int, dict[tuple[Site, int], Tensor]] = {}
+
+    def wants(self, site: Site, hw: tuple[int, int]) -> bool:
+        """Whether maps of this layer are stored (cross-attention with Nq ≤ max_pixels)."""
+        return site.cross and hw[0] * hw[1] <= self.max_pixels
+
+    def _step_wanted(self, step: int, hw: tuple[int, int]) -> bool:
+        steps = self.record_steps
+        on = steps if isinstance(steps, bool) else step in steps
+        return on and (self.record_hw is None or tuple(hw) in self.record_hw)
+
+    def record(self, site: Site, hw: tuple[int, int], step: int, slots: Tensor, maps: Tensor) -> None:
+        """Add maps [n, Nq, Nk] (head-averaged) of the conditional rows with these ``slots`` [n]."""
+        self._hw[site] = (int(hw[0]), int(hw[1]))
+        keep_step = self._step_wanted(step, hw)
+        for slot, m in zip(slots.tolist(), maps, strict=True):
+            key = (site, int(slot))
+            d = m.detach().float()
+            self._sum[key] = self._sum[key] + d if key in self._sum else d.clone()
+            self._count[key] = self._count.get(key, 0) + 1
+            if keep_step:
+                self._steps.setdefault(step, {})[key] = d if self.detach else m.float()
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, heads: int, site: Site,
+               hw: tuple[int, int], step: int, rows: Rows) -> Tensor:
+        """Attention output [B, Nq, h·d]; conditional cross maps of small layers are recorded."""
+        if not self.wants(site, hw) or not bool(rows.branch.any()):
+            return sdpa(q, k, v, heads)
+        slots = rows.slot.to(q.device)
+
+        def cond(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> Tensor:
+            p = attention_probs(q, k, heads)
+            self.record(site, hw, step, slots[idx], p.mean(1))
+            return probs_times_v(p, v)
+
+        return by_branch(q, k, v, rows, lambda q, k, v, _: sdpa(q, k, v, heads), cond)
+
+    def after_step(self, step: int, latents: Tensor) -> Tensor:
+        return latents
+
+    # ---- reading -------------------------------------------------------------------------
+    def resolutions(self) -> list[tuple[int, int]]:
+        """Query-map sizes (h, w) with stored maps."""
+        return sorted(set(self._hw.values()))
+
+    def sites(self, hw: tuple[int, int], slot: int = 0) -> list[Site]:
+        """Sites with maps of this size for this slot, in the order they were first seen."""
+        return [s for (s, sl) in self._sum if sl == slot and self._hw[s] == tuple(hw)]
+
+    def _need(self, hw: tuple[int, int], slot: int) -> list[Site]:
+        sites = self.sites(hw, slot)
+        if not sites:
+            raise KeyError(f"no stored cross-attention maps of size {tuple(hw)} for slot {slot}; "
+                           f"stored sizes: {self.resolutions()}")
+        return sites
+
+    def sums(self, hw: tuple[int, int], slot: int = 0) -> Tensor:
+        """Sum over calls of each layer's map: [layers, h, w, Nk]."""
+        maps = [self._sum[(s, slot)] for s in self._need(hw, slot)]
+        return torch.stack(maps).reshape(len(maps), hw[0], hw[1], -1)
+
+    def average(self, hw: tuple[int, int], slot: int = 0) -> Tensor:
+        """Per-layer map averaged over calls (steps): [layers, h, w, Nk]."""
+        sites = self._need(hw, slot)
+        maps = [self._sum[(s, slot)] / self._count[(s, slot)] for s in sites]
+        return torch.stack(maps).reshape(len(maps), hw[0], hw[1], -1)
+
+    def recorded_steps(self) -> list[int]:
+        return sorted(self._steps)
+
+    def step_maps(self, step: int, hw: tuple[int, int], slot: int = 0) -> Tensor:
+        """The maps recorded at ``step``: [layers, h, w, Nk] (graph kept when detach=False)."""
+        got = self._steps.get(step, {})
+        maps = [m for (s, sl), m in got.items() if sl == slot and self._hw[s] == tuple(hw)]
+        if not maps:
+            raise KeyError(f"no maps of size {tuple(hw)} recorded at step {step} for slot {slot}; "
+                           f"recorded steps: {self.recorded_steps()}")
+        return torch.stack(maps).reshape(len(maps), hw[0], hw[1], -1)

@@ -1,0 +1,129 @@
+"""From prompts and user options to a ready :class:`P2PController` (all checks before sampling).
+
+Defaults are those of the null-text notebook of google/prompt-to-prompt: cross injection 0.8,
+self injection 0.5, local-blend threshold 0.3 from step ⌊0.2·N⌋. ``uncond_self`` is P2Plus's τ_u
+(StyleDiffusion; 0 = off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..alignment import (
+    Tokenized,
+    WordValues,
+    parse_word_values,
+    refine_alignment,
+    replace_mapper,
+    tokenize,
+)
+from ..tokenizer import TokenizerSpec
+from .edits import LocalBlend, P2PController
+from .schedules import Bounds, CrossSpec, cross_injection_alpha, injection_range
+
+EditMode = Literal["replace", "refine", "reweight"]
+EDIT_MODES: tuple[EditMode, ...] = ("replace", "refine", "reweight")
+
+
+def word_selection(toks: Sequence[Tokenized], words: Sequence[str] | Sequence[Sequence[str]],
+                   what: str = "blend") -> Tensor:
+    """[S, L] with 1 at the chosen words' tokens of each prompt.
+
+    A flat list looks every word up in every prompt (it must occur in at least one); a list of
+    lists gives each prompt its own words (each must occur in that prompt).
+    """
+    sel = torch.zeros(len(toks), toks[0].max_length)
+    if words and not isinstance(words[0], str):
+        if len(words) != len(toks):
+            raise ValueError(f"{what} words: got {len(words)} lists for {len(toks)} prompts")
+        for s, (t, ws) in enumerate(zip(toks, words, strict=True)):
+            for w in ws:
+                sel[s, t.indices(w)] = 1.0
+        return sel
+    for w in words:
+        found = [t.find(w) for t in toks]  # type: ignore[arg-type]
+        if all(f is None for f in found):
+            listed = ", ".join(repr(t.text) for t in toks)
+            raise ValueError(f"{what} word {w!r} is in none of the prompts {listed}")
+        for s, inds in enumerate(found):
+            if inds is not None:
+                sel[s, inds] = 1.0
+    return sel
+
+
+@dataclass(frozen=True)
+class P2PSpec:
+    """A Prompt-to-Prompt edit as the user states it (prompts, words, fractions of the N steps)."""
+
+    source: str
+    targets: tuple[str, ...]
+    mode: EditMode = "replace"
+    cross: CrossSpec = 0.8
+    self_steps: Bounds = 0.5
+    reweight: WordValues | None = None
+    blend_words: tuple[str, ...] | tuple[tuple[str, ...], ...] = ()
+    subtract_words: tuple[str, ...] | tuple[tuple[str, ...], ...] = ()
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    uncond_self: Bounds = 0.0
+    store_edited: bool = False
+
+    def build(self, tokenizer: TokenizerSpec, num_steps: int) -> P2PController:
+        """Tokenise, align and schedule; raises ValueError on anything inconsistent."""
+        return build_p2p(tokenizer, self, num_steps)
+
+
+def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PController:
+    """The controller for slots [source, *targets] (see :class:`P2PSpec`)."""
+    targets = (spec.targets,) if isinstance(spec.targets, str) else tuple(spec.targets)
+    if not targets:
+        raise ValueError("P2P needs at least one target prompt")
+    if spec.mode not in EDIT_MODES:
+        raise ValueError(f"mode must be one of {EDIT_MODES}, got {spec.mode!r}")
+    src = tokenize(tokenizer, spec.source)
+    tgts = [tokenize(tokenizer, t) for t in targets]
+    replace = refine = None
+    if spec.mode == "replace":
+        replace = torch.stack([replace_mapper(tokenizer, spec.source, t) for t in targets])
+    elif spec.mode == "refine":
+        pairs = [refine_alignment(tokenizer, spec.source, t) for t in targets]
+        refine = (torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs]))
+    else:
+        for t in tgts:
+            if t.ids != src.ids:
+                raise ValueError(f"reweight alone keeps the source prompt, but target {t.text!r} "
+                                 f"differs from source {src.text!r}: use replace or refine")
+    eq = None
+    if spec.reweight:
+        eq = torch.ones(len(tgts), tokenizer.max_length)
+        for word, value in parse_word_values(spec.reweight):
+            found = [t.find(word) for t in tgts]
+            if all(f is None for f in found):
+                if len(tgts) == 1:
+                    raise tgts[0].unknown(word)
+                raise ValueError(f"reweight word {word!r} is in none of the targets {targets}")
+            for k, inds in enumerate(found):
+                if inds is not None:
+                    eq[k, inds] = value
+    blend = None
+    if spec.blend_words:
+        toks = [src, *tgts]
+        if not 0.0 <= spec.blend_start <= 1.0:
+            raise ValueError(f"blend start must be a fraction in [0, 1], got {spec.blend_start}")
+        sub = word_selection(toks, spec.subtract_words, "subtract") if spec.subtract_words else None
+        blend = LocalBlend(word_selection(toks, spec.blend_words), int(spec.blend_start * num_steps),
+                           spec.blend_threshold, sub, spec.blend_threshold)
+    elif spec.subtract_words:
+        raise ValueError("subtract words need blend words")
+    return P2PController(
+        cross_injection_alpha(num_steps, spec.cross, targets, tokenizer),
+        injection_range(num_steps, spec.self_steps),
+        replace=replace, refine=refine, equalizer=eq, local_blend=blend,
+        uncond_self_range=injection_range(num_steps, spec.uncond_self, "unconditional self injection"),
+        store_edited=spec.store_edited,
+    )
