@@ -174,12 +174,18 @@ def test_reweight_composes_with_replace(tok: tk.TokenizerSpec) -> None:
     assert torch.allclose(c.store.sums((4, 4), 0).reshape(16, L), p[0], atol=1e-6)
 
 
-def test_store_records_before_edit_by_default(tok: tk.TokenizerSpec) -> None:
-    c = P2PSpec(CAT, ("a dog sitting next to a mirror",)).build(tok, 10)
+def test_store_records_edited_maps_by_default_as_the_reference(tok: tk.TokenizerSpec) -> None:
+    # the reference stores a view that its in-place edit then overwrites: stored target maps are
+    # the edited ones (here cat → dog maps one token to one, so the edit is the source's maps)
     q, k, v = rand(2, 16, 0), rand(2, L, 1), rand(2, L, 2)
-    call(c, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
     p = attention_probs(q, k, HEADS).mean(1)
-    assert torch.allclose(c.store.sums((4, 4), 1).reshape(16, L), p[1], atol=1e-6)
+    c = P2PSpec(CAT, ("a dog sitting next to a mirror",)).build(tok, 10)
+    call(c, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
+    assert torch.allclose(c.store.sums((4, 4), 1).reshape(16, L), p[0], atol=1e-6)
+    before = P2PSpec(CAT, ("a dog sitting next to a mirror",), store_edited=False).build(tok, 10)
+    call(before, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
+    assert torch.allclose(before.store.sums((4, 4), 1).reshape(16, L), p[1], atol=1e-6)
+    assert not torch.allclose(p[0], p[1], atol=1e-3)
 
 
 def test_self_injection_range_and_size() -> None:

@@ -93,7 +93,7 @@ class P2PController:
         uncond_self_range: tuple[int, int] = (0, 0),
         max_pixels: int = MAX_MAP_PIXELS,
         store: AttentionStore | None = None,
-        store_edited: bool = False,
+        store_edited: bool = True,
     ) -> None:
         if replace is not None and refine is not None:
             raise ValueError("choose replace or refine, not both")

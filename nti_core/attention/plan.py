@@ -71,7 +71,7 @@ class P2PSpec:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     uncond_self: Bounds = 0.0
-    store_edited: bool = False
+    store_edited: bool = True
 
     def build(self, tokenizer: TokenizerSpec, num_steps: int) -> P2PController:
         """Tokenise, align and schedule; raises ValueError on anything inconsistent."""

@@ -3,7 +3,6 @@ random-weight SD1-shaped model that needs no download (the CLI demo and the test
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from .diffusers import DiffusersDenoiser
 log = logging.getLogger(__name__)
 
 SD1_SCALING = 0.18215
+EPS_GAIN = 0.1  # tiny_sd1: output scale of the random UNet
+LATENT_GAIN = 18.5  # tiny_sd1: brings the random VAE's photo latents to unit scale
 
 
 @dataclass
@@ -45,12 +46,12 @@ class SD1Model:
     @torch.no_grad()
     def encode_prompt(self, text: str) -> Tensor:
         """Prompt → [1, 77, 768] (last hidden state of the CLIP text encoder)."""
-        tok = self.tokenizer
-        ids = tok(text, padding="max_length", max_length=tok.model_max_length,
-                  truncation=False, return_tensors="pt").input_ids
-        if ids.shape[1] > tok.model_max_length:
+        n = int(self.text_encoder.config.max_position_embeddings)
+        ids = self.tokenizer(text, padding="max_length", max_length=n, truncation=False,
+                             return_tensors="pt").input_ids
+        if ids.shape[1] > n:
             raise ValueError(
-                f"the prompt has {ids.shape[1]} tokens; SD 1.x reads at most {tok.model_max_length} "
+                f"the prompt has {ids.shape[1]} tokens; SD 1.x reads at most {n} "
                 f"(with start and end): shorten {text[:40]!r}…"
             )
         return self.text_encoder(ids.to(self.device))[0].float()
@@ -107,8 +108,17 @@ def tiny_sd1(seed: int = 0, device: str | torch.device = "cpu") -> SD1Model:
         CLIPTextConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=2,
                        num_attention_heads=12, max_position_embeddings=77, vocab_size=49408)
     )
+    with torch.no_grad():
+        # A random UNet is chaotic in z: DDIM inversion of it diverges even at guidance 1. Scaling
+        # its output makes ε a contraction, as a trained denoiser is near its data.
+        unet.conv_out.weight.mul_(EPS_GAIN)
+        unet.conv_out.bias.mul_(EPS_GAIN)
+        # Photo latents of SD's VAE have about unit scale after ×0.18215; so should the tiny VAE's.
+        vae.quant_conv.weight.mul_(LATENT_GAIN)
+        vae.quant_conv.bias.mul_(LATENT_GAIN)
+        vae.post_quant_conv.weight.div_(LATENT_GAIN)
     model = SD1Model(unet.to(device), vae.to(device), text_encoder.to(device),
-                     sd1_clip_tokenizer().hf, scaled_linear_alphas_cumprod(), f"tiny-sd1(seed={seed})")
+                     sd1_clip_tokenizer().tokenizer, scaled_linear_alphas_cumprod(), f"tiny-sd1(seed={seed})")
     return model
 
 
