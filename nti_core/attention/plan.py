@@ -26,8 +26,8 @@ from ..tokenizer import TokenizerSpec
 from .edits import LocalBlend, P2PController
 from .schedules import Bounds, CrossSpec, cross_injection_alpha, injection_range
 
-EditMode = Literal["replace", "refine", "reweight"]
-EDIT_MODES: tuple[EditMode, ...] = ("replace", "refine", "reweight")
+EditMode = Literal["auto", "replace", "refine", "reweight"]
+EDIT_MODES: tuple[EditMode, ...] = ("auto", "replace", "refine", "reweight")
 
 
 def word_selection(toks: Sequence[Tokenized], words: Sequence[str] | Sequence[Sequence[str]],
@@ -78,6 +78,19 @@ class P2PSpec:
         return build_p2p(tokenizer, self, num_steps)
 
 
+def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Tokenized,
+                 tgts: Sequence[Tokenized]) -> EditMode:
+    """``auto``: reweight when every target is the source, replace when every target has the
+    source's word count, refine otherwise."""
+    if mode != "auto":
+        return mode
+    if all(t.ids == src.ids for t in tgts):
+        return "reweight"
+    if all(len(t.split()) == len(source.split()) for t in targets):
+        return "replace"
+    return "refine"
+
+
 def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PController:
     """The controller for slots [source, *targets] (see :class:`P2PSpec`)."""
     targets = (spec.targets,) if isinstance(spec.targets, str) else tuple(spec.targets)
@@ -87,10 +100,11 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PCon
         raise ValueError(f"mode must be one of {EDIT_MODES}, got {spec.mode!r}")
     src = tokenize(tokenizer, spec.source)
     tgts = [tokenize(tokenizer, t) for t in targets]
+    mode = resolve_mode(spec.mode, spec.source, targets, src, tgts)
     replace = refine = None
-    if spec.mode == "replace":
+    if mode == "replace":
         replace = torch.stack([replace_mapper(tokenizer, spec.source, t) for t in targets])
-    elif spec.mode == "refine":
+    elif mode == "refine":
         pairs = [refine_alignment(tokenizer, spec.source, t) for t in targets]
         refine = (torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs]))
     else:

@@ -1,0 +1,99 @@
+"""Save and load an inversion (pivot trajectory + per-step ∅) as one .safetensors file.
+
+Written atomically (temporary file in the same folder, then ``os.replace``); loading checks the
+format and, given the model's fingerprint, refuses an inversion made with other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .hosts.base import same_model
+from .schedule import Grid
+from .trajectory import Trajectory, UncondEmbeddings
+
+FORMAT = "nti-inversion/1"
+
+
+def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings | None) -> Path:
+    """Write ``traj`` (and ``uncond`` when given) to ``path``; returns the path written."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        p = p.with_suffix(p.suffix + ".safetensors") if p.suffix else p.with_suffix(".safetensors")
+    tensors: dict[str, Tensor] = {
+        "latents": traj.latents,
+        "embedding": traj.embedding,
+        "fingerprint": traj.fingerprint,
+        "grid_alphas": traj.grid.alphas,
+        "grid_timesteps": torch.tensor(traj.grid.timesteps, dtype=torch.int64),
+    }
+    meta = {
+        "format": FORMAT,
+        "prompt": traj.prompt,
+        "grid_kind": traj.grid.kind,
+        "grid_alpha_end": repr(traj.grid.alpha_end),
+    }
+    if uncond is not None:
+        if uncond.num_steps != traj.num_steps:
+            raise ValueError(f"∅ has {uncond.num_steps} steps, the trajectory {traj.num_steps}")
+        tensors["uncond"] = uncond.embeddings
+        meta["uncond"] = json.dumps({
+            "method": uncond.method, "guidance": uncond.guidance, "final_loss": uncond.final_loss,
+            "first_loss": uncond.first_loss, "iterations": uncond.iterations,
+            "seconds": uncond.seconds,
+        })
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def load_inversion(
+    path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu"
+) -> tuple[Trajectory, UncondEmbeddings | None]:
+    """Read a file written by :func:`save_inversion`; with ``fingerprint``, refuse other models."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no inversion file at {p}")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{p.name} is not a safetensors file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{p.name} is not an inversion file (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    grid = Grid(meta["grid_kind"], tuple(int(x) for x in t["grid_timesteps"].tolist()),
+                t["grid_alphas"].to(torch.float64), float(meta["grid_alpha_end"]))
+    traj = Trajectory(t["latents"].to(device), grid, meta["prompt"], t["embedding"].to(device),
+                      t["fingerprint"])
+    if fingerprint is not None and not same_model(traj.fingerprint, fingerprint):
+        raise ValueError(
+            f"{p.name} was made with a different model than the one connected: invert the image "
+            "again with this model, or connect the model it was made with"
+        )
+    uncond = None
+    if "uncond" in t:
+        info = json.loads(meta["uncond"])
+        uncond = UncondEmbeddings(t["uncond"].to(device), info["method"], float(info["guidance"]),
+                                  info["final_loss"], info["first_loss"], info["iterations"],
+                                  float(info["seconds"]))
+    return traj, uncond

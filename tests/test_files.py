@@ -1,0 +1,73 @@
+"""Inversion files: round trip, atomic write, model check, bad files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_support import LinearDenoiser
+
+from nti_core import ddim_invert, make_grid, negative_prompt_inversion
+from nti_core.files import load_inversion, save_inversion
+from nti_core.schedule import scaled_linear_alphas_cumprod
+
+
+@pytest.fixture()
+def inversion():
+    den = LinearDenoiser(a=0.01)
+    grid = make_grid(scaled_linear_alphas_cumprod(), 6, "ddim_uniform")
+    z0 = torch.randn(1, 4, 8, 8)
+    c = torch.randn(1, 77, 768)
+    traj = ddim_invert(den, z0, c, grid, "a cat sitting next to a mirror")
+    return den, traj, negative_prompt_inversion(traj)
+
+
+def test_round_trip_keeps_everything(tmp_path, inversion):
+    den, traj, npi = inversion
+    p = save_inversion(tmp_path / "cat", traj, npi)
+    assert p.name == "cat.safetensors" and p.is_file()
+    assert [x.name for x in tmp_path.iterdir()] == ["cat.safetensors"]  # no temporary left
+    t2, u2 = load_inversion(p, den.fingerprint())
+    assert torch.equal(t2.latents, traj.latents) and torch.equal(t2.embedding, traj.embedding)
+    assert t2.prompt == traj.prompt and t2.grid.timesteps == traj.grid.timesteps
+    assert t2.grid.alpha_end == traj.grid.alpha_end and t2.grid.kind == "ddim_uniform"
+    assert torch.equal(t2.grid.alphas, traj.grid.alphas)
+    assert u2 is not None and torch.equal(u2.embeddings, npi.embeddings)
+    assert u2.method == "negative-prompt" and u2.guidance == 7.5
+
+
+def test_other_model_is_refused(tmp_path, inversion):
+    _, traj, npi = inversion
+    p = save_inversion(tmp_path / "cat.safetensors", traj, npi)
+    with pytest.raises(ValueError, match="different model"):
+        load_inversion(p, LinearDenoiser(seed=5).fingerprint())
+
+
+def test_bad_files_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no inversion file"):
+        load_inversion(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_inversion(junk)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="not an inversion file"):
+        load_inversion(other)
+
+
+def test_failed_write_leaves_existing_file(tmp_path, inversion, monkeypatch):
+    _, traj, npi = inversion
+    p = save_inversion(tmp_path / "cat.safetensors", traj, npi)
+    before = p.read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_inversion(p, traj, npi)
+    assert p.read_bytes() == before
+    assert [x.name for x in tmp_path.iterdir()] == ["cat.safetensors"]
