@@ -49,10 +49,21 @@ def cmd_edit(a: argparse.Namespace) -> dict:
     from .editing import build_controller, edit, invert
     from .hosts.diffusers_models import load_sd1
     from .images import load_image, save_png
+    from .tokenizer import sd1_clip_tokenizer
+    from .validate import check_prompt
 
     spec = _spec_from_args(a)
     options = NullTextOptions(guidance=a.guidance, inner_steps=a.inner_steps, early_stop=a.early_stop)
-    image = load_image(a.image, a.size)  # all cheap checks first
+    check_prompt(a.source, "source prompt")
+    for t in a.target:
+        check_prompt(t, "target prompt")
+    image = load_image(a.image, a.size)  # all cheap checks first, the plan with SD1's vocabulary
+    try:
+        tok = sd1_clip_tokenizer()
+    except FileNotFoundError:
+        log.info("no standalone CLIP vocabulary: the edit plan is checked after the model loads")
+    else:
+        spec.build(tok, a.steps)
     model = load_sd1(a.model, a.device, a.dtype)
     controller = build_controller(model, spec, _grid_steps(a, model))
     z0 = model.encode_image(image)
@@ -119,9 +130,12 @@ def cmd_demo(a: argparse.Namespace) -> dict:
         timings[f"edit_{name}"] = time.perf_counter() - t
         imgs = model.decode(lat)
         save_png(imgs[1:2], out / f"edit_{name}.png")
+        blend = ctrl.local_blend
         edits[name] = {
             "target": spec.targets[0],
             "mode": spec.mode,
+            "blend_mask_coverage": None if blend is None or blend.last_mask is None
+            else float(blend.last_mask[1].float().mean()),
             "source_row_equals_null_text_reconstruction_mse": float(
                 F.mse_loss(lat[:1], z0)),
             "edit_change_mse": float(F.mse_loss(lat[1:2], lat[:1])),

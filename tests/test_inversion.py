@@ -82,7 +82,7 @@ def reference_null_text(unet, latents, cond, null, grid, K=10, w=7.5, early=1e-5
         t = grid.timesteps[i]
         with torch.no_grad():
             eps_c = noise_pred(z_cur, t, cond)
-        for j in range(K):
+        for j in range(K):  # noqa: B007 (j is read after the loop, as in the reference)
             eps_u = noise_pred(z_cur, t, uncond)
             rec = prev_step(eps_u + w * (eps_c - eps_u), i, z_cur)
             loss = F.mse_loss(rec, target)

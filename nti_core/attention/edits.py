@@ -13,7 +13,7 @@ P2Plus also injects the source's self-attention into the targets' *unconditional
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ class LocalBlend:
     threshold: float = 0.3
     subtract: Tensor | None = None
     subtract_threshold: float = 0.3
+    last_mask: Tensor | None = field(default=None, repr=False, compare=False)  # [K+1, 1, h, w]
 
     def mask(self, store: AttentionStore, latent_hw: tuple[int, int], select: Tensor,
              pool: bool, threshold: float) -> Tensor:
@@ -69,6 +70,7 @@ class LocalBlend:
         mask = self.mask(store, hw, self.words, True, self.threshold)
         if self.subtract is not None:
             mask = mask & ~self.mask(store, hw, self.subtract, False, self.subtract_threshold)
+        self.last_mask = mask
         mask = mask.to(latents.dtype)
         return latents[:1] + mask * (latents - latents[:1])
 
