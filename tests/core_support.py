@@ -32,6 +32,26 @@ def cat_latent(size: int = 128) -> Tensor:
     return tiny_model().encode_image(load_image(CAT, size))
 
 
+# Real photos: the demo's, and scikit-image's bundled ones (offline), with fitting prompts.
+PHOTOS = {
+    "gnochi_mirror": CAT_PROMPT,
+    "chelsea": "a cat lying on a wooden floor",
+    "coffee": "a cup of coffee on a saucer",
+}
+
+
+@lru_cache(maxsize=8)
+def photo_latent(name: str, size: int = 128) -> Tensor:
+    """z₀ of a named real photo (see PHOTOS) under the tiny model's VAE."""
+    from nti_core.images import from_array
+
+    if name == "gnochi_mirror":
+        return cat_latent(size)
+    import skimage.data
+
+    return tiny_model().encode_image(from_array(getattr(skimage.data, name)(), size))
+
+
 class LinearDenoiser:
     """ε = a·z + b(context): an analytic stand-in with a known, z-independent part."""
 
