@@ -14,6 +14,7 @@ from torch import Tensor
 from ..schedule import scaled_linear_alphas_cumprod
 from ..tokenizer import sd1_clip_tokenizer
 from .diffusers import DiffusersDenoiser
+from .sd1_single_file import write_sd1_config
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_sd1(path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32") -> SD1Model:
-    """A diffusers folder (model_index.json) or a single-file SD 1.x checkpoint (.safetensors/.ckpt).
+    """A diffusers folder (model_index.json) or a single-file SD 1.x checkpoint (.safetensors, LDM
+    layout; configs inferred offline by :func:`write_sd1_config`, which rejects .ckpt pickles).
 
     The UNet runs in ``dtype``; the null-text optimisation casts what it optimises to fp32.
     """
@@ -145,12 +147,12 @@ def load_sd1(path: str | Path, device: str | torch.device = "cpu", dtype: str = 
         )
     else:
         if p.suffix not in (".safetensors", ".ckpt"):
-            raise ValueError(f"expected a .safetensors or .ckpt checkpoint, got {p.name}")
+            raise ValueError(f"expected a .safetensors checkpoint or a diffusers folder: {p.name}")
         with tempfile.TemporaryDirectory() as config_dir:
             write_sd1_config(config_dir, p)
             pipe = StableDiffusionPipeline.from_single_file(
                 str(p), config=config_dir, torch_dtype=torch_dtype, local_files_only=True,
-                load_safety_checker=False,
+                safety_checker=None,  # load_safety_checker=False would fetch it from the Hub
             )
     ac = pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None
     alphas = ac.double() if ac is not None else scaled_linear_alphas_cumprod()
