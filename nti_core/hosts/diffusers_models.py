@@ -154,7 +154,19 @@ def load_sd1(path: str | Path, device: str | torch.device = "cpu", dtype: str = 
                 str(p), config=config_dir, torch_dtype=torch_dtype, local_files_only=True,
                 safety_checker=None,  # load_safety_checker=False would fetch it from the Hub
             )
-    ac = pipe.scheduler.alphas_cumprod if hasattr(pipe.scheduler, "alphas_cumprod") else None
-    alphas = ac.double() if ac is not None else scaled_linear_alphas_cumprod()
     return SD1Model(pipe.unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device),
-                    pipe.tokenizer, alphas, p.name)
+                    pipe.tokenizer, _training_alphas(pipe.scheduler.config), p.name)
+
+
+def _training_alphas(cfg) -> Tensor:
+    """ᾱ of the model's training schedule in float64 (schedulers keep float32); ε-prediction only."""
+    if cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"this model predicts {cfg['prediction_type']!r}; nti_core supports "
+                         "SD 1.x ε-prediction models only")
+    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
+        raise ValueError(f"unsupported beta schedule {cfg.get('beta_schedule')!r}: SD 1.x uses "
+                         "scaled_linear")
+    return scaled_linear_alphas_cumprod(
+        cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012),
+        cfg.get("num_train_timesteps", 1000),
+    )
