@@ -278,3 +278,26 @@ def test_comfy_checkpoint_unet_and_taesd(tiny_checkpoint: Path, tiny_diffusers_u
     assert set(ours) == set(theirs)
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key].half(), value, atol=0, rtol=0, msg=key)
+
+
+def test_cli_edit_runs_on_a_single_file_checkpoint(tiny_ckpt: Path, tmp_path: Path) -> None:
+    import json
+
+    from core_support import CAT
+
+    from nti_core.cli import main
+
+    out = tmp_path / "edit"
+    argv = ["edit", "--model", str(tiny_ckpt), "--image", str(CAT),
+            "--source", "a cat sitting next to a mirror",
+            "--target", "a tiger sitting next to a mirror",
+            "--target", "a dog sitting next to a mirror",
+            "--blend", "cat", "--blend", "tiger", "--steps", "3", "--size", "64", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(p).name for p in report["paths"]] == ["reconstruction.png", "edit_1.png",
+                                                         "edit_2.png"]
+    assert "null-text" in report["uncond"] and report["timings"]["ddim_inversion"] > 0
+    from PIL import Image
+
+    assert Image.open(out / "edit_2.png").size == (64, 64)
