@@ -59,3 +59,19 @@ def p2p_sample(
             z = controller.after_step(i, z)
         progress(1)
     return z
+
+
+@torch.no_grad()
+def ddim_reconstruct(
+    denoiser: Denoiser, traj: Trajectory, *, progress: Progress = no_progress
+) -> Tensor:
+    """The pivot sampled back from z*_T at guidance 1 with the source prompt → z [1, 4, h, w].
+
+    The inversion's round trip (one UNet row per step, no unconditional branch): it differs
+    from z*_0 only by DDIM's step error, which guidance > 1 then amplifies (NTI paper §3.1).
+    """
+    grid, z = traj.grid, traj.z_T.clone()
+    for i in range(traj.num_steps):
+        z = sample_step(grid, i, z, denoiser.eps(z, grid.timesteps[i], traj.embedding, step=i))
+        progress(1)
+    return z

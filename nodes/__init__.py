@@ -1,0 +1,28 @@
+"""The pack's ComfyUI nodes (V3 schema): one module per node, custom types in ``types``."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .ddim_invert import NTIDDIMInvert
+from .edit_plan import NTIAttentionEditPlan
+from .load_inversion import NTILoadInversion
+from .null_text import NTINullTextOptimize
+from .p2p_sample import NTIP2PSample
+from .save_inversion import NTISaveInversion
+
+NODES: list[type[io.ComfyNode]] = [
+    NTIDDIMInvert,
+    NTINullTextOptimize,
+    NTIAttentionEditPlan,
+    NTIP2PSample,
+    NTISaveInversion,
+    NTILoadInversion,
+]
+
+
+class NTIExtension(ComfyExtension):
+    """Hands ComfyUI the node list."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

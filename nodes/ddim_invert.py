@@ -1,0 +1,80 @@
+"""NTIDDIMInvert: the photo's latent → DDIM inversion pivot (guidance 1) and its round trip."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from comfy_api.latest import io
+
+from ..nti_core.inversion import ddim_invert
+from ..nti_core.sampling import ddim_reconstruct
+from ..nti_core.schedule import GRID_KINDS, make_grid
+from . import types
+from .common import (
+    CATEGORY,
+    encode_prompt,
+    intermediate,
+    latent_in,
+    latent_out,
+    make_denoiser,
+    progress_bar,
+    sd1_tokenizer,
+    trajectory_to,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NTIDDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NTIDDIMInvert",
+            display_name="DDIM Invert (NTI)",
+            category=CATEGORY,
+            description="Invert a photo's latent into the model with deterministic DDIM at "
+            "guidance 1 under the source prompt: the pivot trajectory z*_0 … z*_T that "
+            "Null-text optimisation and Prompt-to-Prompt sampling start from.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x checkpoint's MODEL (ε-prediction)."),
+                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP: encodes the source "
+                              "prompt."),
+                io.Latent.Input("latent", tooltip="One image encoded by the checkpoint's VAE "
+                                "(VAE Encode centre-crops it to a multiple of 8 px). A batch "
+                                "of several images is refused."),
+                io.String.Input("source_prompt", multiline=True, default="",
+                                tooltip="Plain words describing the photo as it is. The edit "
+                                "plan's source prompt must be exactly this text."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="DDIM steps of the inversion; sampling uses the same ones "
+                             "(50 as in the paper)."),
+                io.Combo.Input("grid", options=list(GRID_KINDS), default="reference",
+                               tooltip="Timesteps: 'reference' = the paper's diffusers DDIM grid "
+                               "(980…0 for 50 steps, ends at ᾱ₀); 'ddim_uniform' = ComfyUI's "
+                               "ddim_uniform scheduler (981…1, ends at σ = 0)."),
+            ],
+            outputs=[
+                types.Trajectory.Output("trajectory", display_name="trajectory",
+                                        tooltip="The inversion pivot (latents, timesteps, source "
+                                        "prompt and its embedding, model fingerprint)."),
+                io.Latent.Output("ddim_reconstruction", display_name="ddim_reconstruction",
+                                 tooltip="The pivot sampled back at guidance 1 with the source "
+                                 "prompt: shows the inversion round trip (decode to compare)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, source_prompt: str, steps: int,
+                grid: str) -> io.NodeOutput:
+        cond = encode_prompt(clip, source_prompt, sd1_tokenizer(), "source prompt")
+        den = make_denoiser(model)
+        z0 = latent_in(model, latent, den.device)
+        g = make_grid(den.alphas_cumprod, steps, grid)  # type: ignore[arg-type]
+        tick = progress_bar(2 * g.num_steps)
+        start = time.perf_counter()
+        traj = ddim_invert(den, z0, cond.to(den.device), g, source_prompt.strip(), progress=tick)
+        recon = ddim_reconstruct(den, traj, progress=tick)
+        log.info("[NTI] DDIM inversion and round trip: %s, latent %dx%d, %.1f s", g.describe(),
+                 z0.shape[-2], z0.shape[-1], time.perf_counter() - start)
+        return io.NodeOutput(trajectory_to(traj, intermediate()), latent_out(model, recon))

@@ -1,0 +1,102 @@
+"""NTINullTextOptimize: per-step unconditional embeddings ∅ that make guided sampling retrace
+the pivot (Null-text Inversion), or the negative-prompt shortcut."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..nti_core.hosts.comfy import autograd
+from ..nti_core.null_text import (
+    NullTextOptions,
+    check_trajectory_model,
+    negative_prompt_inversion,
+    null_text_optimize,
+)
+from ..nti_core.trajectory import Trajectory
+from . import types
+from .common import (
+    CATEGORY,
+    encode_empty,
+    intermediate,
+    make_denoiser,
+    progress_bar,
+    trajectory_to,
+    uncond_to,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ["null-text", "negative-prompt"]
+
+
+class NTINullTextOptimize(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NTINullTextOptimize",
+            display_name="Null-Text Optimize (NTI)",
+            category=CATEGORY,
+            description="Optimise one unconditional embedding per step so that sampling at the "
+            "chosen guidance reproduces the photo (Mokady et al. 2023), or use the source "
+            "prompt as ∅ (negative-prompt inversion, instant, less exact).",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL the trajectory was inverted with."),
+                io.Clip.Input("clip", tooltip="Its CLIP: ∅ starts from the embedding of the "
+                              "empty prompt \"\"."),
+                types.Trajectory.Input("trajectory", tooltip="The pivot from DDIM Invert (NTI) "
+                                       "or Load Inversion (NTI)."),
+                io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance the ∅ are optimised for; sample "
+                               "with the same value."),
+                io.Int.Input("inner_steps", default=10, min=1, max=100,
+                             tooltip="Adam iterations per step at most (null-text only)."),
+                io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6,
+                               round=1e-8, tooltip="Stop a step's iterations once the latent "
+                               "MSE is below this (+ 2e-5 per step, as the paper's code)."),
+                io.Combo.Input("method", options=METHODS, default="null-text",
+                               tooltip="'null-text': optimise ∅ (about 1 minute at 512² on a "
+                               "GPU); 'negative-prompt': ∅ = the source prompt, no "
+                               "optimisation."),
+            ],
+            outputs=[
+                types.Uncond.Output("uncond", display_name="uncond",
+                                    tooltip="Per-step unconditional embeddings ∅ for P2P Sample "
+                                    "(NTI) and Save Inversion (NTI)."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="Per-step iterations and losses (first → last)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, trajectory: Trajectory, guidance: float, inner_steps: int,
+                early_stop: float, method: str) -> io.NodeOutput:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        den = make_denoiser(model, for_grad=method == "null-text")
+        check_trajectory_model(trajectory, den)  # before minutes of optimisation
+        if method == "null-text":
+            options = NullTextOptions(guidance=guidance, inner_steps=inner_steps,
+                                      early_stop=early_stop)
+            null = encode_empty(clip)
+            with autograd():  # ComfyUI runs nodes under inference_mode: leave it, clone inputs
+                traj = trajectory_to(_normal_copy(trajectory), den.device)
+                uncond = null_text_optimize(den, traj, null.clone().to(den.device), options,
+                                            progress=progress_bar(traj.num_steps))
+        else:
+            uncond = negative_prompt_inversion(trajectory, guidance)
+        report = uncond.report()
+        log.info("[NTI] %s", report.splitlines()[0] + (f"; {report.splitlines()[1]}"
+                                                       if len(report.splitlines()) > 1 else ""))
+        return io.NodeOutput(uncond_to(uncond, intermediate()), report,
+                             ui=ui.PreviewText(report))
+
+
+def _normal_copy(traj: Trajectory) -> Trajectory:
+    """The trajectory with fresh (non-inference) tensors, usable in an autograd graph."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("_normal_copy must run inside autograd()")
+    return Trajectory(traj.latents.clone(), traj.grid, traj.prompt, traj.embedding.clone(),
+                      traj.fingerprint.clone())

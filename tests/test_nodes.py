@@ -1,0 +1,600 @@
+"""The node pack (``__init__.py`` + ``nodes/``) in-process against a real ComfyUI checkout.
+
+Needs $COMFYUI_PATH (skipped, saying so, without it). The pack is loaded the way ComfyUI loads a
+custom node folder (a package named after its path), nodes run through V3's own execute wrapper
+under ``torch.inference_mode()`` as in ComfyUI's executor, on the generated tiny SD1.5 checkpoint
+at an 8×8 latent with a few steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = "nti_pack_under_test"
+SOURCE = "a cat sitting next to a mirror"
+TARGETS = "a dog sitting next to a mirror\na cat sitting next to a big mirror"
+STEPS = 4
+INNER = 20  # null-text iterations per step: with 10 the random tiny model gains only ~7×
+H = W = 8
+EXPECTED = {  # node id → (display name, [(input, type)], [(output, type)])
+    "NTIDDIMInvert": ("DDIM Invert (NTI)", [
+        ("model", "MODEL"), ("clip", "CLIP"), ("latent", "LATENT"), ("source_prompt", "STRING"),
+        ("steps", "INT"), ("grid", "COMBO")],
+        [("trajectory", "NTI_TRAJECTORY"), ("ddim_reconstruction", "LATENT")]),
+    "NTINullTextOptimize": ("Null-Text Optimize (NTI)", [
+        ("model", "MODEL"), ("clip", "CLIP"), ("trajectory", "NTI_TRAJECTORY"),
+        ("guidance", "FLOAT"), ("inner_steps", "INT"), ("early_stop", "FLOAT"),
+        ("method", "COMBO")],
+        [("uncond", "NTI_UNCOND"), ("report", "STRING")]),
+    "NTIAttentionEditPlan": ("Attention Edit Plan (NTI)", [
+        ("clip", "CLIP"), ("source_prompt", "STRING"), ("target_prompts", "STRING"),
+        ("edit_kind", "COMBO"), ("cross_start", "FLOAT"), ("cross_end", "FLOAT"),
+        ("cross_words", "STRING"), ("self_start", "FLOAT"), ("self_end", "FLOAT"),
+        ("reweight", "STRING"), ("blend_words", "STRING"), ("subtract_words", "STRING"),
+        ("blend_threshold", "FLOAT"), ("blend_start", "FLOAT")],
+        [("plan", "NTI_EDIT_PLAN")]),
+    "NTIP2PSample": ("P2P Sample (NTI)", [
+        ("model", "MODEL"), ("trajectory", "NTI_TRAJECTORY"), ("uncond", "NTI_UNCOND"),
+        ("plan", "NTI_EDIT_PLAN"), ("guidance", "FLOAT")],
+        [("latents", "LATENT")]),
+    "NTISaveInversion": ("Save Inversion (NTI)", [
+        ("trajectory", "NTI_TRAJECTORY"), ("uncond", "NTI_UNCOND"), ("filename_prefix", "STRING")],
+        []),
+    "NTILoadInversion": ("Load Inversion (NTI)", [("model", "MODEL"), ("inversion", "COMBO")],
+                         [("trajectory", "NTI_TRAJECTORY"), ("uncond", "NTI_UNCOND")]),
+}
+PLAN_DEFAULTS: dict[str, Any] = {
+    "source_prompt": SOURCE, "target_prompts": TARGETS, "edit_kind": "auto", "cross_start": 0.0,
+    "cross_end": 0.8, "cross_words": "", "self_start": 0.0, "self_end": 0.5, "reweight": "",
+    "blend_words": "", "subtract_words": "", "blend_threshold": 0.3, "blend_start": 0.2,
+}
+
+
+# ============================================================== helpers
+
+
+def load_pack(name: str = PACK) -> ModuleType:
+    """Import the repository root as ComfyUI does (a package whose name is not 'nti_core')."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def sub(name: str) -> ModuleType:
+    """A submodule of the loaded pack, e.g. sub('nti_core.null_text')."""
+    return importlib.import_module(f"{PACK}.{name}")
+
+
+def run(node: type, **inputs: Any) -> Any:
+    """Execute a node as ComfyUI's executor does: locked class clone, inference mode."""
+    from comfy_api.internal import make_locked_method_func
+
+    node.GET_SCHEMA()
+    call = make_locked_method_func(node, "EXECUTE_NORMALIZED", node.PREPARE_CLASS_CLONE({}))
+    with torch.inference_mode():
+        return call(**inputs)
+
+
+def raw_latent(batch: int = 1, seed: int = 0) -> dict:
+    """A LATENT as VAE Encode gives it (raw, ≈ N(0, 1/0.18215²))."""
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(batch, 4, H, W, generator=g) / 0.18215}
+
+
+def describe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: describe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return obj
+    return id(obj)
+
+
+def patcher_state(model: Any) -> Any:
+    return {
+        "options": describe(model.model_options),
+        "patches": {k: len(v) for k, v in model.patches.items()},
+        "uuid": model.patches_uuid,
+        "wrappers": describe(model.weight_wrapper_patches),
+        "objects": describe(model.object_patches),
+    }
+
+
+def other_model(model: Any) -> Any:
+    """A clone whose UNet weights differ (a LoRA-like weight patch)."""
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    shape = model.model.state_dict()[key].shape
+    patched = model.clone()
+    patched.add_patches({key: (0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(0)),)})
+    return patched
+
+
+# ============================================================== fixtures
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_root: Path) -> ModuleType:
+    return load_pack()
+
+
+@pytest.fixture(scope="module")
+def N(pack: ModuleType) -> Any:  # noqa: N802 (the node classes, by id)
+    return {cls.GET_SCHEMA().node_id: cls for cls in pack.nodes.NODES}
+
+
+@pytest.fixture(scope="module")
+def chain(pack: ModuleType, N: Any, comfy_sd15: Any) -> dict[str, Any]:
+    """DDIM Invert → Null-Text Optimize → Attention Edit Plan → P2P Sample, once, timed."""
+    model, clip, _ = comfy_sd15
+    latent = raw_latent()
+    before = patcher_state(model)
+    latent_before = latent["samples"].clone()
+    times = {}
+    t = time.perf_counter()
+    traj, recon = run(N["NTIDDIMInvert"], model=model, clip=clip, latent=latent,
+                      source_prompt=SOURCE, steps=STEPS, grid="reference").args
+    times["ddim_invert"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out = run(N["NTINullTextOptimize"], model=model, clip=clip, trajectory=traj, guidance=7.5,
+              inner_steps=INNER, early_stop=1e-5, method="null-text")
+    times["null_text"] = time.perf_counter() - t
+    uncond, report = out.args
+    t = time.perf_counter()
+    (plan,) = run(N["NTIAttentionEditPlan"], clip=clip, **PLAN_DEFAULTS).args
+    times["edit_plan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    (latents,) = run(N["NTIP2PSample"], model=model, trajectory=traj, uncond=uncond, plan=plan,
+                     guidance=7.5).args
+    times["p2p_sample"] = time.perf_counter() - t
+    print("\nnode times (s):", {k: round(v, 2) for k, v in times.items()})
+    return {"latent": latent, "traj": traj, "recon": recon, "uncond": uncond, "report": report,
+            "ui": out.ui, "plan": plan, "latents": latents, "model_before": before,
+            "latent_before": latent_before, "times": times}
+
+
+# ============================================================== registration
+
+
+def test_root_imports_without_comfyui() -> None:
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "assert importlib.util.find_spec('comfy_api') is None\n"
+        "assert not hasattr(m, 'comfy_entrypoint') and m.WEB_DIRECTORY == './web'\n"
+        "assert not hasattr(m, 'NODE_CLASS_MAPPINGS')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd="/", check=True)
+
+
+def test_entrypoint_registers_the_six_nodes(pack: ModuleType) -> None:
+    from comfy_api.latest import ComfyExtension
+
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # it would win over the entrypoint
+    ext = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(ext, ComfyExtension)
+    nodes = asyncio.run(ext.get_node_list())
+    schemas = {n.GET_SCHEMA().node_id: (n, n.GET_SCHEMA()) for n in nodes}
+    assert set(schemas) == set(EXPECTED)
+    for node_id, (display, inputs, outputs) in EXPECTED.items():
+        cls, schema = schemas[node_id]
+        assert schema.display_name == display and schema.category == "NTI Photo Edit"
+        assert [(i.id, str(i.get_io_type())) for i in schema.inputs] == inputs, node_id
+        assert [(o.id, str(o.io_type)) for o in schema.outputs] == outputs, node_id
+        for i in schema.inputs:
+            assert i.tooltip and len(i.tooltip) > 10, f"{node_id}.{i.id} has no tooltip"
+        for o in schema.outputs:
+            assert o.tooltip, f"{node_id} output {o.id} has no tooltip"
+        assert list(cls.RETURN_TYPES) == [t for _, t in outputs]
+    assert schemas["NTISaveInversion"][1].is_output_node
+    info = schemas["NTIDDIMInvert"][0].INPUT_TYPES()["required"]
+    assert info["steps"][1]["default"] == 50 and info["steps"][1]["max"] == 1000
+    assert info["grid"][1]["options"] == ["reference", "ddim_uniform"]
+    assert info["source_prompt"][1]["multiline"] is True
+    nto = schemas["NTINullTextOptimize"][0].INPUT_TYPES()["required"]
+    assert nto["method"][1]["options"] == ["null-text", "negative-prompt"]
+    assert (nto["guidance"][1]["default"], nto["inner_steps"][1]["default"],
+            nto["early_stop"][1]["default"]) == (7.5, 10, 1e-5)
+    plan = schemas["NTIAttentionEditPlan"][0].INPUT_TYPES()["required"]
+    assert plan["edit_kind"][1]["options"] == ["auto", "replace", "refine"]
+    assert {k: plan[k][1]["default"] for k in PLAN_DEFAULTS if k not in (
+        "source_prompt", "target_prompts")} == {k: v for k, v in PLAN_DEFAULTS.items() if k not in (
+            "source_prompt", "target_prompts")}
+
+
+def test_comfyui_loader_and_validation(comfy_root: Path) -> None:
+    """ComfyUI's own loader registers the pack; its prompt validation runs validate_inputs."""
+    import execution
+
+    import nodes
+
+    before, web_before = dict(nodes.NODE_CLASS_MAPPINGS), dict(nodes.EXTENSION_WEB_DIRS)
+    try:
+        assert asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes"))
+        assert set(EXPECTED) <= set(nodes.NODE_CLASS_MAPPINGS)
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS["NTIP2PSample"] == "P2P Sample (NTI)"
+        if (REPO / "web").is_dir():
+            assert nodes.EXTENSION_WEB_DIRS[REPO.name] == str(REPO / "web")
+
+        def validate(**plan: Any) -> Any:
+            prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}},
+                      "2": {"class_type": "NTIAttentionEditPlan",
+                            "inputs": {"clip": ["1", 1], **PLAN_DEFAULTS, **plan}}}
+            return asyncio.run(execution.validate_inputs("p", prompt, "2", {"1": (True, [], "1")}))
+
+        ok, errors, _ = validate()
+        assert ok, errors
+        ok, errors, _ = validate(edit_kind="replace", target_prompts="a dog next to a mirror")
+        assert not ok
+        assert "same number of words: source has 7, target has 6" in errors[0]["details"]
+        print("\nvalidation errors reported:", len(errors))
+    finally:
+        for key in set(nodes.NODE_CLASS_MAPPINGS) - set(before):
+            nodes.NODE_CLASS_MAPPINGS.pop(key)
+        nodes.EXTENSION_WEB_DIRS.clear()
+        nodes.EXTENSION_WEB_DIRS.update(web_before)
+
+
+# ============================================================== the chain
+
+
+def test_chain_outputs(chain: dict[str, Any], comfy_sd15: Any) -> None:
+    traj, uncond, latents = chain["traj"], chain["uncond"], chain["latents"]
+    assert traj.latents.shape == (STEPS + 1, 4, H, W) and traj.num_steps == STEPS
+    assert traj.prompt == SOURCE and traj.grid.kind == "reference"
+    assert traj.embedding.shape == (1, 77, 768)
+    z0 = comfy_sd15[0].model.process_latent_in(chain["latent"]["samples"])
+    torch.testing.assert_close(traj.latents[:1], z0, atol=1e-6, rtol=0)
+    assert uncond.embeddings.shape == (STEPS, 77, 768) and uncond.method == "null-text"
+    assert chain["report"].startswith("method: null-text, guidance 7.5, 4 steps")
+    assert chain["ui"].as_dict()["text"] == (chain["report"],)
+    assert chain["plan"].num_targets == 2 and chain["plan"].targets.shape == (2, 77, 768)
+    samples = latents["samples"]
+    assert samples.shape == (3, 4, H, W) and torch.isfinite(samples).all()
+    assert (samples[1] - samples[0]).abs().max() > 1e-3  # the edits differ from the source row
+    assert chain["recon"]["samples"].shape == (1, 4, H, W)
+
+
+def test_null_text_reconstruction_beats_plain_ddim(
+    chain: dict[str, Any], pack: ModuleType, N: Any, comfy_sd15: Any
+) -> None:
+    model, clip, _ = comfy_sd15
+    raw = chain["latent"]["samples"]
+    nti = F.mse_loss(chain["latents"]["samples"][:1], raw).item()
+    null = sub("nodes.common").encode_empty(clip)
+    plain = sub("nti_core.null_text").plain_null(chain["traj"], null, 7.5)
+    (ddim,) = run(N["NTIP2PSample"], model=model, trajectory=chain["traj"], uncond=plain,
+                  plan=chain["plan"], guidance=7.5).args
+    ddim_err = F.mse_loss(ddim["samples"][:1], raw).item()
+    round_trip = F.mse_loss(chain["recon"]["samples"], raw).item()
+    print(f"\nlatent MSE (raw): DDIM@7.5 {ddim_err:.4g}, NTI@7.5 {nti:.4g}, DDIM@1 {round_trip:.4g}")
+    assert nti < ddim_err / 10  # measured: DDIM 799, NTI 43, round trip 17 (raw latent MSE)
+    assert round_trip < ddim_err
+
+
+def assert_same_uncond(ours: Any, theirs: Any, initial: torch.Tensor) -> None:
+    """∅ from two hosts (or call layouts) whose ε differ by ~1e-6.
+
+    Adam's step is lr·m̂/(√v̂ + 1e-8): about ±lr wherever the gradient is non-zero, whatever its
+    size, so the few elements whose gradient is ~0 (sign decided by rounding) may take opposite
+    steps on two hosts. Measured on the tiny model: 0.01 % of elements differ by up to 2e-3, the
+    difference is 5e-5 of the distance ∅ travelled, the losses agree to 1e-6.
+    """
+    a, b = ours.embeddings.float(), theirs.embeddings.float()
+    diff = (a - b).abs()
+    assert float((diff > 1e-4).float().mean()) < 1e-3, "more than 0.1 % of ∅ differs by > 1e-4"
+    assert float((a - b).norm() / (a - initial.float()).norm()) < 1e-3
+    torch.testing.assert_close(torch.tensor(ours.final_loss), torch.tensor(theirs.final_loss),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(ours.first_loss), torch.tensor(theirs.first_loss),
+                               rtol=1e-5, atol=1e-7)
+    assert ours.iterations == theirs.iterations
+
+
+def test_parity_with_diffusers_host(
+    chain: dict[str, Any], pack: ModuleType, comfy_sd15: Any, tiny_diffusers_unet: Any
+) -> None:
+    """Same weights, same conditioning tensors, same grid: the nodes equal the diffusers host."""
+    core = sub("nti_core")
+    hosts = sub("nti_core.hosts.diffusers")
+    comfy = sub("nti_core.hosts.comfy")
+    traj = chain["traj"]
+    ref = hosts.DiffusersDenoiser(tiny_diffusers_unet,
+                                  comfy.ComfyDenoiser(comfy_sd15[0]).alphas_cumprod)
+    grid = core.make_grid(ref.alphas_cumprod, STEPS, "reference")
+    assert grid.timesteps == traj.grid.timesteps
+    theirs = core.ddim_invert(ref, traj.latents[:1].clone(), traj.embedding.clone(), grid, SOURCE)
+    torch.testing.assert_close(traj.latents, theirs.latents, atol=1e-4, rtol=0)
+    with torch.inference_mode():
+        null = sub("nodes.common").encode_empty(comfy_sd15[1])
+    null = null.clone()  # a normal tensor: the diffusers path runs outside inference mode
+    u = core.null_text_optimize(ref, theirs, null, core.NullTextOptions(inner_steps=INNER))
+    assert_same_uncond(chain["uncond"], u, null)
+    # P2P sampling from the node's own ∅ and plan, on the diffusers host
+    plan = chain["plan"]
+    contexts = torch.cat([traj.embedding, plan.targets]).clone()
+    z = core.p2p_sample(ref, theirs, chain["uncond"], contexts, guidance=7.5,
+                        controller=plan.spec.build(sub("nodes.common").sd1_tokenizer(), STEPS))
+    raw = comfy_sd15[0].model.process_latent_out(z)
+    torch.testing.assert_close(chain["latents"]["samples"], raw, atol=1e-4 / 0.18215, rtol=0)
+
+
+def test_separate_cond_uncond_calls_give_the_same_result(
+    chain: dict[str, Any], pack: ModuleType, N: Any, comfy_sd15: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As ComfyUI does under memory pressure: every branch in its own UNet call."""
+    model, clip, _ = comfy_sd15
+    seen: list[list[int]] = []
+
+    def wrapper(apply_model: Any, args: dict[str, Any]) -> Any:
+        seen.append(list(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    watched = model.clone()
+    watched.set_model_unet_function_wrapper(wrapper)
+    common = sub("nodes.common")
+    monkeypatch.setattr(common, "ComfyDenoiser",
+                        functools.partial(common.ComfyDenoiser, separate_calls=True))
+    uncond = run(N["NTINullTextOptimize"], model=watched, clip=clip, trajectory=chain["traj"],
+                 guidance=7.5, inner_steps=INNER, early_stop=1e-5, method="null-text").args[0]
+    (latents,) = run(N["NTIP2PSample"], model=watched, trajectory=chain["traj"], uncond=uncond,
+                     plan=chain["plan"], guidance=7.5).args
+    assert [1, 0] not in seen and [0] in seen and [1] in seen
+    with torch.inference_mode():
+        null = common.encode_empty(clip)
+    assert_same_uncond(uncond, chain["uncond"], null)
+    (same_u,) = run(N["NTIP2PSample"], model=watched, trajectory=chain["traj"],
+                    uncond=chain["uncond"], plan=chain["plan"], guidance=7.5).args
+    torch.testing.assert_close(same_u["samples"], chain["latents"]["samples"],
+                               atol=1e-4 / 0.18215, rtol=0)
+    assert (latents["samples"] - chain["latents"]["samples"]).abs().max() < 1e-2 / 0.18215
+
+
+def test_inputs_are_left_alone(chain: dict[str, Any], comfy_sd15: Any) -> None:
+    model = comfy_sd15[0]
+    assert patcher_state(model) == chain["model_before"]
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+    assert set(chain["latent"]) == {"samples"}
+    assert torch.equal(chain["latent"]["samples"], chain["latent_before"])
+
+
+def test_progress_and_interrupt(pack: ModuleType, N: Any, comfy_sd15: Any,
+                                chain: dict[str, Any]) -> None:
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip, _ = comfy_sd15
+    updates: list[tuple[int, int]] = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda v, total, preview, node_id=None:
+                                             updates.append((v, total)))
+    try:
+        run(N["NTIDDIMInvert"], model=model, clip=clip, latent=raw_latent(), source_prompt=SOURCE,
+            steps=3, grid="ddim_uniform")
+        assert updates == [(i, 6) for i in range(1, 7)]  # inversion + round trip
+        updates.clear()
+        run(N["NTINullTextOptimize"], model=model, clip=clip, trajectory=chain["traj"],
+            guidance=7.5, inner_steps=1, early_stop=1e-5, method="null-text")
+        assert updates == [(i, STEPS) for i in range(1, STEPS + 1)]
+        updates.clear()
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            run(N["NTIP2PSample"], model=model, trajectory=chain["traj"], uncond=chain["uncond"],
+                plan=chain["plan"], guidance=7.5)
+        assert updates == []  # stopped within the first step
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(old)
+
+
+def test_negative_prompt_method(N: Any, comfy_sd15: Any, chain: dict[str, Any]) -> None:
+    model, clip, _ = comfy_sd15
+    uncond, report = run(N["NTINullTextOptimize"], model=model, clip=clip,
+                         trajectory=chain["traj"], guidance=5.0, inner_steps=10, early_stop=1e-5,
+                         method="negative-prompt").args
+    assert uncond.method == "negative-prompt" and uncond.guidance == 5.0
+    torch.testing.assert_close(uncond.embeddings, chain["traj"].embedding.expand(STEPS, -1, -1))
+
+
+# ============================================================== files
+
+
+@pytest.fixture()
+def folders(comfy_root: Path, tmp_path: Path):
+    import folder_paths
+
+    old = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    (tmp_path / "input").mkdir()
+    try:
+        yield tmp_path
+    finally:
+        folder_paths.set_input_directory(old[0])
+        folder_paths.set_output_directory(old[1])
+
+
+def test_save_load_round_trip(folders: Path, N: Any, comfy_sd15: Any,
+                              chain: dict[str, Any]) -> None:
+    model = comfy_sd15[0]
+    traj, uncond = chain["traj"], chain["uncond"]
+    first = run(N["NTISaveInversion"], trajectory=traj, uncond=uncond,
+                filename_prefix="nti/inversion")
+    second = run(N["NTISaveInversion"], trajectory=traj, uncond=uncond,
+                 filename_prefix="nti/inversion")
+    assert first.ui["text"] == ["nti/inversion_00001.safetensors"]
+    assert second.ui["text"] == ["nti/inversion_00002.safetensors"]
+    assert second.ui["nti_inversion"] == [
+        {"filename": "inversion_00002.safetensors", "subfolder": "nti", "type": "output"}]
+    saved = folders / "output" / "nti" / "inversion_00001.safetensors"
+    assert saved.is_file() and not list(saved.parent.glob(".*tmp"))
+    (folders / "input" / "nti").mkdir()
+    shutil.copy(saved, folders / "input" / "nti" / "mine.safetensors")
+    shutil.copy(saved, folders / "input" / "top.safetensors")
+    options = N["NTILoadInversion"].INPUT_TYPES()["required"]["inversion"][1]["options"]
+    assert options == ["top.safetensors", "nti/mine.safetensors",
+                       "nti/inversion_00001.safetensors [output]",
+                       "nti/inversion_00002.safetensors [output]"]
+    for name in ("nti/mine.safetensors", "nti/inversion_00002.safetensors [output]"):
+        assert N["NTILoadInversion"].validate_inputs(inversion=name) is True
+        t2, u2 = run(N["NTILoadInversion"], model=model, inversion=name).args
+        assert torch.equal(t2.latents, traj.latents) and torch.equal(u2.embeddings,
+                                                                     uncond.embeddings)
+        assert t2.prompt == SOURCE and t2.grid.timesteps == traj.grid.timesteps
+        assert u2.iterations == uncond.iterations and u2.method == "null-text"
+    fp = N["NTILoadInversion"].fingerprint_inputs(inversion="nti/mine.safetensors", model=None)
+    assert isinstance(fp, str) and len(fp) == 64
+    assert "no inversion file" in N["NTILoadInversion"].validate_inputs(inversion="gone.safetensors")
+    assert "outside" in N["NTILoadInversion"].validate_inputs(inversion="../../x.safetensors")
+    assert "not a .safetensors" in N["NTILoadInversion"].validate_inputs(inversion="a.png")
+    with pytest.raises(Exception, match="outside the output folder"):
+        run(N["NTISaveInversion"], trajectory=traj, uncond=uncond, filename_prefix="../escape")
+
+
+def test_another_model_is_refused(folders: Path, N: Any, comfy_sd15: Any,
+                                  chain: dict[str, Any]) -> None:
+    model, clip, _ = comfy_sd15
+    other = other_model(model)
+    run(N["NTISaveInversion"], trajectory=chain["traj"], uncond=chain["uncond"],
+        filename_prefix="nti/inversion")
+    with pytest.raises(ValueError, match="different model"):
+        run(N["NTILoadInversion"], model=other, inversion="nti/inversion_00001.safetensors [output]")
+    with pytest.raises(ValueError, match="different model"):
+        run(N["NTINullTextOptimize"], model=other, clip=clip, trajectory=chain["traj"],
+            guidance=7.5, inner_steps=10, early_stop=1e-5, method="null-text")
+    with pytest.raises(ValueError, match="different model"):
+        run(N["NTIP2PSample"], model=other, trajectory=chain["traj"], uncond=chain["uncond"],
+            plan=chain["plan"], guidance=7.5)
+
+
+# ============================================================== bad inputs
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"edit_kind": "replace", "target_prompts": "a big dog sitting next to a mirror"},
+     "replace needs the same number of words: source has 7, target has 8"),
+    ({"blend_words": "cat horse"}, "blend word 'horse' is in none of the prompts"),
+    ({"reweight": "zebra:2", "target_prompts": "a dog sitting next to a mirror"},
+     "'zebra' is not a word of the prompt 'a dog sitting next to a mirror'"),
+    ({"reweight": "zebra:2"}, "reweight word 'zebra' is in none of the targets"),
+    ({"reweight": "dog=2"}, "expected 'word:value'"),
+    ({"reweight": "dog:lots"}, "expected a number"),
+    ({"cross_words": "dog:1.5"}, "cross_words: 'dog' needs a fraction in [0, 1]"),
+    ({"cross_words": "mirror:0.5", "target_prompts": "a dog sitting next to a mirror"}, None),
+    ({"cross_words": "zebra:0.5"}, "'zebra' is in none of the target prompts"),
+    ({"cross_start": 0.9, "cross_end": 0.5}, "cross_start (0.9) is after cross_end (0.5)"),
+    ({"self_end": 1.5}, "self_end must be a fraction in [0, 1]"),
+    ({"blend_threshold": -0.1}, "blend_threshold must be a fraction"),
+    ({"subtract_words": "mirror"}, "subtract words need blend words"),
+    ({"source_prompt": "  "}, "source prompt is empty"),
+    ({"target_prompts": "\n \n"}, "write at least one target prompt"),
+    ({"target_prompts": "a cat " * 40}, "more than the 77"),
+    ({"edit_kind": "sideways"}, "edit_kind must be one of"),
+    ({"blend_words": "cat, dog", "subtract_words": "mirror"}, None),
+    ({"target_prompts": SOURCE, "reweight": "mirror:3"}, None),  # auto → reweight
+])
+def test_plan_validation(N: Any, change: dict[str, Any], message: str | None) -> None:
+    result = N["NTIAttentionEditPlan"].validate_inputs(**{**PLAN_DEFAULTS, **change})
+    if message is None:
+        assert result is True
+    else:
+        assert isinstance(result, str) and message in result, result
+
+
+def test_plan_validation_waits_for_linked_values(N: Any) -> None:
+    assert N["NTIAttentionEditPlan"].validate_inputs(**{**PLAN_DEFAULTS, "source_prompt": None,
+                                                        "edit_kind": "replace"}) is True
+
+
+def test_plan_refuses_comfy_prompt_syntax_and_another_clip(
+    N: Any, comfy_sd15: Any, chain: dict[str, Any]
+) -> None:
+    model, clip, _ = comfy_sd15
+    with pytest.raises(ValueError, match="weighting syntax"):
+        run(N["NTIAttentionEditPlan"], clip=clip,
+            **{**PLAN_DEFAULTS, "target_prompts": "a (dog:1.3) sitting next to a mirror"})
+    with pytest.raises(ValueError, match="weighting syntax"):
+        run(N["NTIDDIMInvert"], model=model, clip=clip, latent=raw_latent(),
+            source_prompt="a (cat) sitting next to a mirror", steps=2, grid="reference")
+    skipped = clip.clone()
+    skipped.clip_layer(-2)
+    (plan,) = run(N["NTIAttentionEditPlan"], clip=skipped, **PLAN_DEFAULTS).args
+    with pytest.raises(ValueError, match="connect the same CLIP"):
+        run(N["NTIP2PSample"], model=model, trajectory=chain["traj"], uncond=chain["uncond"],
+            plan=plan, guidance=7.5)
+
+
+def test_bad_node_inputs(N: Any, comfy_sd15: Any, chain: dict[str, Any]) -> None:
+    model, clip, _ = comfy_sd15
+    with pytest.raises(ValueError, match="takes one image, got a batch of 2"):
+        run(N["NTIDDIMInvert"], model=model, clip=clip, latent=raw_latent(2),
+            source_prompt=SOURCE, steps=2, grid="reference")
+    with pytest.raises(ValueError, match="4 channels, got 16"):
+        run(N["NTIDDIMInvert"], model=model, clip=clip,
+            latent={"samples": torch.zeros(1, 16, H, W)}, source_prompt=SOURCE, steps=2,
+            grid="reference")
+    (other,) = run(N["NTIAttentionEditPlan"], clip=clip, **{
+        **PLAN_DEFAULTS, "source_prompt": "a cat sitting next to the mirror",
+        "target_prompts": "a dog sitting next to the mirror"}).args
+    with pytest.raises(ValueError, match="use the same source prompt in DDIM Invert"):
+        run(N["NTIP2PSample"], model=model, trajectory=chain["traj"], uncond=chain["uncond"],
+            plan=other, guidance=7.5)
+    short = sub("nti_core.trajectory").UncondEmbeddings(
+        chain["uncond"].embeddings[:2], "null-text", 7.5)
+    with pytest.raises(ValueError, match="have 2 steps but the inversion has 4"):
+        run(N["NTIP2PSample"], model=model, trajectory=chain["traj"], uncond=short,
+            plan=chain["plan"], guidance=7.5)
+
+
+# ============================================================== image sizes
+
+
+def test_image_not_multiple_of_8_is_cropped_by_vae_encode(
+    comfy_sd15: Any, N: Any, folders: Path
+) -> None:
+    """ComfyUI 0.3.64: VAE Encode centre-crops to multiples of 8 (100×100 → 96×96); the latent
+    carries no original size, so the pack inverts what it gets and says so in the tooltip."""
+    import numpy as np
+    from PIL import Image
+
+    import nodes
+
+    model, clip, vae = comfy_sd15
+    pixels = (np.random.default_rng(0).random((100, 100, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(folders / "input" / "odd.png")
+    with torch.inference_mode():
+        image = nodes.LoadImage().load_image("odd.png")[0]
+        latent = nodes.VAEEncode().encode(vae, image)[0]
+    assert image.shape == (1, 100, 100, 3) and latent["samples"].shape == (1, 4, 12, 12)
+    traj, recon = run(N["NTIDDIMInvert"], model=model, clip=clip, latent=latent,
+                      source_prompt=SOURCE, steps=2, grid="reference").args
+    with torch.inference_mode():
+        decoded = nodes.VAEDecode().decode(vae, recon)[0]
+    assert decoded.shape == (1, 96, 96, 3)
+    schema = N["NTIDDIMInvert"].GET_SCHEMA()
+    assert "multiple of 8" in next(i for i in schema.inputs if i.id == "latent").tooltip
