@@ -66,3 +66,42 @@ def tiny_diffusers_unet(tiny_checkpoint: Path, tiny_spec: comfy_support.TinySpec
     """A diffusers ``UNet2DConditionModel`` holding the tiny checkpoint's UNet weights (fp32)."""
     pytest.importorskip("diffusers", reason="the diffusers reference UNet needs diffusers")
     return comfy_support.diffusers_unet(tiny_checkpoint, tiny_spec)
+
+
+# ============================================================================ HTTP workflow section
+# A real ComfyUI server (``main.py --cpu`` from $COMFYUI_PATH on a loopback port) in a throwaway
+# base directory: this repository symlinked as custom_nodes/comfyui-nti-p2p, a tiny checkpoint
+# in models/checkpoints, the example photo in input/. Started once per session, stopped at the end.
+
+import http_support  # noqa: E402  (standard library only)
+
+EXAMPLE_PHOTO = http_support.REPO_ROOT / "nti_core" / "assets" / "gnochi_mirror.jpeg"
+
+# Three UNet levels with attention only at latent/4 (and the middle block): P2P's LocalBlend
+# reads the cross-attention maps at latent/4 (16×16 for SD1.5 at 512²), which the default
+# two-level tiny UNet (maps at latent and latent/2) does not have.
+HTTP_SPEC = comfy_support.TinySpec(channel_mult=(1, 1, 1), level_depth=(0, 0, 1))
+
+
+@pytest.fixture(scope="session")
+def http_checkpoint(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HTTP tests' SD1.5-format checkpoint (random weights; cached like ``tiny_checkpoint``)."""
+    cache = os.environ.get(comfy_support.CACHE_ENV)
+    folder = Path(cache) if cache else tmp_path_factory.mktemp("nti_http_checkpoints")
+    return comfy_support.cached_checkpoint(folder, HTTP_SPEC, comfy_support.DEFAULT_SEED)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(
+    comfy_root: Path, http_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    """A running :class:`http_support.ComfyServer` with this pack loaded; the checkpoint is
+    ``models/checkpoints/nti_tiny_sd15.safetensors``."""
+    base = http_support.prepare_base(tmp_path_factory.mktemp("comfy_base"),
+                                     images=(EXAMPLE_PHOTO,))
+    comfy_support.install_checkpoint(base / "models", http_checkpoint)
+    server = http_support.ComfyServer.start(comfy_root, base)
+    try:
+        yield server
+    finally:
+        server.stop()
