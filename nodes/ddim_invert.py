@@ -7,9 +7,11 @@ import time
 
 from comfy_api.latest import io
 
+from ..nti_core.alignment import tokenize
 from ..nti_core.inversion import ddim_invert
 from ..nti_core.sampling import ddim_reconstruct
 from ..nti_core.schedule import GRID_KINDS, make_grid
+from ..nti_core.validate import check_prompt
 from . import types
 from .common import (
     CATEGORY,
@@ -65,11 +67,22 @@ class NTIDDIMInvert(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, source_prompt: str | None = None) -> bool | str:
+        """Empty or over-long prompts fail when the prompt is queued, not after loading."""
+        if source_prompt is None:
+            return True  # linked: checked at execution
+        try:
+            tokenize(sd1_tokenizer(), check_prompt(source_prompt, "source prompt"))
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, clip, latent, source_prompt: str, steps: int,
                 grid: str) -> io.NodeOutput:
-        cond = encode_prompt(clip, source_prompt, sd1_tokenizer(), "source prompt")
         den = make_denoiser(model)
-        z0 = latent_in(model, latent, den.device)
+        z0 = latent_in(model, latent, den.device)  # one SD1 image, else a clear error first
+        cond = encode_prompt(clip, source_prompt, sd1_tokenizer(), "source prompt")
         g = make_grid(den.alphas_cumprod, steps, grid)  # type: ignore[arg-type]
         tick = progress_bar(2 * g.num_steps)
         start = time.perf_counter()

@@ -526,6 +526,14 @@ def test_plan_validation(N: Any, change: dict[str, Any], message: str | None) ->
         assert isinstance(result, str) and message in result, result
 
 
+def test_invert_validation(N: Any) -> None:
+    node = N["NTIDDIMInvert"]
+    assert node.validate_inputs(source_prompt=SOURCE) is True
+    assert node.validate_inputs(source_prompt=None) is True  # linked
+    assert "source prompt is empty" in node.validate_inputs(source_prompt=" \n")
+    assert "more than the 77" in node.validate_inputs(source_prompt="a cat " * 40)
+
+
 def test_plan_validation_waits_for_linked_values(N: Any) -> None:
     assert N["NTIAttentionEditPlan"].validate_inputs(**{**PLAN_DEFAULTS, "source_prompt": None,
                                                         "edit_kind": "replace"}) is True
