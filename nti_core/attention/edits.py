@@ -67,6 +67,12 @@ class LocalBlend:
             raise ValueError(f"local blend was built for {self.words.shape[0]} prompts, "
                              f"got {latents.shape[0]} latents")
         hw = (int(latents.shape[-2]), int(latents.shape[-1]))
+        if blend_map_size(hw) not in store.resolutions():
+            raise ValueError(
+                f"LocalBlend reads the cross-attention maps at a quarter of the latent side "
+                f"({blend_map_size(hw)}), but this model has maps at {store.resolutions()} only: "
+                "leave the blend words empty for it"
+            )
         mask = self.mask(store, hw, self.words, True, self.threshold)
         if self.subtract is not None:
             mask = mask & ~self.mask(store, hw, self.subtract, False, self.subtract_threshold)
