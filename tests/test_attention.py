@@ -297,7 +297,7 @@ def test_local_blend_through_the_controller(tok: tk.TokenizerSpec) -> None:
     assert torch.equal(out[1][:, ~mask], z[0][:, ~mask])  # outside the mask: the source row
     assert torch.allclose(out[1][:, mask], z[1][:, mask], atol=1e-6)
     assert torch.equal(c.after_step(1, z), z)  # before ⌊0.2·10⌋ = 2
-    with pytest.raises(KeyError, match="stored sizes"):
+    with pytest.raises(ValueError, match=r"quarter of the latent side \(\(4, 4\)\).*\[\(8, 8\)\]"):
         c.after_step(2, torch.randn(2, 4, 16, 16))
 
 
