@@ -301,12 +301,15 @@ def assert_same_uncond(ours: Any, theirs: Any, initial: torch.Tensor) -> None:
 
     Adam's step is lr·m̂/(√v̂ + 1e-8): about ±lr wherever the gradient is non-zero, whatever its
     size, so the few elements whose gradient is ~0 (sign decided by rounding) may take opposite
-    steps on two hosts. Measured on the tiny model: 0.01 % of elements differ by up to 2e-3, the
-    difference is 5e-5 of the distance ∅ travelled, the losses agree to 1e-6.
+    steps on two hosts. Measured on the tiny model: 0.01–0.2 % of elements (by thread count)
+    differ by more than 1e-4, at most 2e-3; the difference is 5e-5 of the distance ∅ travelled,
+    the losses agree to 1e-6. So "∅ equal within 1e-4" holds in RMS and for ≥ 99 % of elements.
     """
     a, b = ours.embeddings.float(), theirs.embeddings.float()
     diff = (a - b).abs()
-    assert float((diff > 1e-4).float().mean()) < 1e-3, "more than 0.1 % of ∅ differs by > 1e-4"
+    assert float(diff.pow(2).mean().sqrt()) < 1e-4, "RMS of Δ∅ above 1e-4"
+    assert float((diff > 1e-4).float().mean()) < 1e-2, "more than 1 % of ∅ differs by > 1e-4"
+    assert float(diff.max()) < 1e-2
     assert float((a - b).norm() / (a - initial.float()).norm()) < 1e-3
     torch.testing.assert_close(torch.tensor(ours.final_loss), torch.tensor(theirs.final_loss),
                                rtol=1e-5, atol=1e-7)

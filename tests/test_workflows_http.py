@@ -126,6 +126,17 @@ def test_shipped_workflows_are_valid_ui_files(object_info) -> None:
         assert find_nodes(api, "SaveImage"), name
 
 
+def test_web_extension_is_served(comfy_server) -> None:
+    """web/ is registered (WEB_DIRECTORY): the frontend loads our script from /extensions."""
+    listed = comfy_server.get("/extensions")
+    assert listed.status == 200
+    script = f"/extensions/{http_support.PACK_NAME}/nti_report.js"
+    assert script in listed.body, listed.body
+    served = comfy_server.get(script)
+    body = served.body if isinstance(served.body, str) else served.body.decode()
+    assert served.status == 200 and "registerExtension" in body
+
+
 # --------------------------------------------------------------------------- template browser
 
 
