@@ -148,10 +148,11 @@ def model_fingerprint(tensors: list[Tensor]) -> Tensor:
     to ~1e-3 relative; different weights differ by far more.
     """
     stats = []
-    for t in tensors:
-        t64 = t.detach().to(device="cpu", dtype=torch.float64)
-        stats.append(t64.mean())
-        stats.append(t64.std() if t64.numel() > 1 else t64.new_zeros(()))
+    for t in tensors:  # on the tensor's own device, in fp32 at least: no copy of the weights
+        x = t.detach()
+        x = x if x.dtype == torch.float64 else x.float()
+        std, mean = torch.std_mean(x) if x.numel() > 1 else (x.new_zeros(()), x.mean())
+        stats += [mean.double().cpu(), std.double().cpu()]
     return torch.stack(stats).sort().values if stats else torch.zeros(0, dtype=torch.float64)
 
 
