@@ -314,3 +314,26 @@ def diffusers_unet(path: Path, spec: TinySpec = TinySpec(), dtype: torch.dtype =
         raise RuntimeError(f"checkpoint UNet weights not mapped: {sorted(unused)[:8]}")
     unet.load_state_dict(weights, strict=True)
     return unet.to(dtype).eval().requires_grad_(False)
+
+
+def describe(obj: Any) -> Any:
+    """A comparable picture of nested options: containers by content, everything else by id."""
+    if isinstance(obj, dict):
+        return {k: describe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return obj
+    return id(obj)
+
+
+def patcher_state(model: Any) -> Any:
+    """What cloning and patching a ModelPatcher may change: compare before and after a run."""
+    return {
+        "options": describe(model.model_options),
+        "patches": {k: len(v) for k, v in model.patches.items()},
+        "uuid": model.patches_uuid,
+        "wrappers": describe(model.weight_wrapper_patches),
+        "objects": describe(model.object_patches),
+        "force_cast": model.force_cast_weights,
+    }

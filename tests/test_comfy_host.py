@@ -296,39 +296,17 @@ def test_gradient_through_eps_under_inference_mode(tiny_checkpoint: Path) -> Non
     torch.testing.assert_close(eps.detach(), reference, atol=1e-5, rtol=0)
 
 
-def describe(obj: Any) -> Any:
-    """A comparable picture of nested options: containers by content, everything else by id."""
-    if isinstance(obj, dict):
-        return {k: describe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [describe(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool, type(None))):
-        return obj
-    return id(obj)
-
-
-def patcher_state(model: Any) -> Any:
-    return {
-        "options": describe(model.model_options),
-        "patches": {k: len(v) for k, v in model.patches.items()},
-        "uuid": model.patches_uuid,
-        "wrappers": describe(model.weight_wrapper_patches),
-        "objects": describe(model.object_patches),
-        "force_cast": model.force_cast_weights,
-    }
-
-
 def test_input_model_is_left_alone(comfy_sd15: Any) -> None:
     import comfy.model_management
 
     model = comfy_sd15[0]
-    before = patcher_state(model)
+    before = comfy_support.patcher_state(model)
     z, ctx = inputs(2, seed=6)
     ComfyDenoiser(model).eps(z, 100, ctx, rows=Rows.cfg(1), step=0, controller=Recorder())
     with autograd():
         null = ctx.clone().requires_grad_(True)
         ComfyDenoiser(model, for_grad=True).eps(z, 100, null).sum().backward()
-    assert patcher_state(model) == before
+    assert comfy_support.patcher_state(model) == before
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
     comfy.model_management.load_models_gpu([model])  # the plain MODEL loads without wrappers
     assert all(

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import comfy_support
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,26 +103,6 @@ def raw_latent(batch: int = 1, seed: int = 0) -> dict:
     return {"samples": torch.randn(batch, 4, H, W, generator=g) / 0.18215}
 
 
-def describe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: describe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [describe(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool, type(None))):
-        return obj
-    return id(obj)
-
-
-def patcher_state(model: Any) -> Any:
-    return {
-        "options": describe(model.model_options),
-        "patches": {k: len(v) for k, v in model.patches.items()},
-        "uuid": model.patches_uuid,
-        "wrappers": describe(model.weight_wrapper_patches),
-        "objects": describe(model.object_patches),
-    }
-
-
 def other_model(model: Any) -> Any:
     """A clone whose UNet weights differ (a LoRA-like weight patch)."""
     key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -149,7 +130,7 @@ def chain(pack: ModuleType, N: Any, comfy_sd15: Any) -> dict[str, Any]:
     """DDIM Invert → Null-Text Optimize → Attention Edit Plan → P2P Sample, once, timed."""
     model, clip, _ = comfy_sd15
     latent = raw_latent()
-    before = patcher_state(model)
+    before = comfy_support.patcher_state(model)
     latent_before = latent["samples"].clone()
     times = {}
     t = time.perf_counter()
@@ -380,7 +361,7 @@ def test_separate_cond_uncond_calls_give_the_same_result(
 
 def test_inputs_are_left_alone(chain: dict[str, Any], comfy_sd15: Any) -> None:
     model = comfy_sd15[0]
-    assert patcher_state(model) == chain["model_before"]
+    assert comfy_support.patcher_state(model) == chain["model_before"]
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
     assert set(chain["latent"]) == {"samples"}
     assert torch.equal(chain["latent"]["samples"], chain["latent_before"])
