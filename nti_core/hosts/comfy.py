@@ -280,7 +280,7 @@ def patch_model(model: Any, controller: Controller | None = None) -> Any:
     replaced = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
     for name, key in [(n, k) for n in ("attn1", "attn2") for k in transformer_keys(model)]:
         if key in replaced.get(name, {}):
-            log.warning("nti: replacing another %s hook at %s (it will not run)", name, key)
+            log.warning("[NTI] replacing another %s hook at %s (it will not run)", name, key)
         site = Site(key[0], key[1], key[2], name == "attn2")
         setter = patched.set_model_attn1_replace if name == "attn1" else patched.set_model_attn2_replace
         setter(make_replace(site, controller), key[0], key[1], key[2])
