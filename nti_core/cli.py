@@ -64,7 +64,11 @@ def cmd_edit(a: argparse.Namespace) -> dict:
         log.info("no standalone CLIP vocabulary: the edit plan is checked after the model loads")
     else:
         spec.build(tok, a.steps)
-    model = load_sd1(a.model, a.device, a.dtype)
+    dtype = a.dtype
+    if a.method == "null-text" and dtype != "fp32":
+        log.info("null-text optimisation fails in %s (REFERENCE §3): the UNet runs in fp32", dtype)
+        dtype = "fp32"
+    model = load_sd1(a.model, a.device, dtype)
     controller = build_controller(model, spec, _grid_steps(a, model))
     z0 = model.encode_image(image)
     bar, tick = _bar(a.steps * 2, "invert")
@@ -194,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--blend-start", type=float, default=0.2)
     e.add_argument("--size", type=int, default=512)
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps")
-    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="UNet precision for negative-prompt/none (null-text always runs fp32)")
     e.add_argument("--out", default="nti_out/edit")
     return p
 
