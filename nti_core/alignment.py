@@ -65,6 +65,18 @@ class Tokenized:
         return found
 
 
+def find_in_targets(toks: Sequence[Tokenized], word: str, what: str) -> list[list[int] | None]:
+    """Token positions of ``word`` in each target (None where absent); ValueError when it is in
+    none of them (with one target: the prompt's words are listed)."""
+    found = [t.find(word) for t in toks]
+    if all(f is None for f in found):
+        if len(toks) == 1:
+            raise toks[0].unknown(word)
+        texts = [t.text for t in toks]
+        raise ValueError(f"{what} word {word!r} is in none of the target prompts {texts}")
+    return found
+
+
 def tokenize(tok: TokenizerSpec, text: str) -> Tokenized:
     """Tokenise a prompt word by word; ValueError when it exceeds ``tok.max_length`` tokens."""
     words = tuple(text.split())

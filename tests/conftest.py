@@ -14,6 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import comfy_suppor
 
 import comfy_support  # noqa: E402  (imports torch only; ComfyUI is imported on first use)
 
+# ============================================================================ core section
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The SD1 CLIP tokenizer, converted from clip-anytorch's BPE file into a temp folder."""
+    from nti_core import tokenizer as tk
+
+    if tk.clip_anytorch_bpe() is None:
+        pytest.skip(f"no SD1 vocabulary ({tk.INSTALL_HINT})")
+    folder: Path = tmp_path_factory.mktemp("clip_vocab")
+    tk.write_vocab_merges(folder, *tk.bpe_to_vocab_merges(tk.clip_anytorch_bpe()))
+    return tk.sd1_clip_tokenizer(folder)
+
+
 # ============================================================================ ComfyUI section
 # Everything below needs a ComfyUI checkout named by $COMFYUI_PATH; tests that use these
 # fixtures are skipped, saying why, when it is unset. The tiny SD1.5 checkpoint is generated

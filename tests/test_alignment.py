@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,15 +9,6 @@ from nti_core import alignment as al
 from nti_core import tokenizer as tk
 
 CAT = "a cat sitting next to a mirror"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> tk.TokenizerSpec:
-    if tk.clip_anytorch_bpe() is None:
-        pytest.skip(f"no SD1 vocabulary ({tk.INSTALL_HINT})")
-    folder: Path = tmp_path_factory.mktemp("clip_vocab")
-    tk.write_vocab_merges(folder, *tk.bpe_to_vocab_merges(tk.clip_anytorch_bpe()))
-    return tk.sd1_clip_tokenizer(folder)
 
 
 def test_word_positions_count_bos_and_repeat(tok: tk.TokenizerSpec) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import Tensor
@@ -20,15 +18,6 @@ HEADS, DIM, L = 2, 4, 77
 CROSS = Site("input", 7, 0, True)
 SELF = Site("input", 7, 0, False)
 CAT = "a cat sitting next to a mirror"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> tk.TokenizerSpec:
-    if tk.clip_anytorch_bpe() is None:
-        pytest.skip(f"no SD1 vocabulary ({tk.INSTALL_HINT})")
-    folder: Path = tmp_path_factory.mktemp("clip_vocab")
-    tk.write_vocab_merges(folder, *tk.bpe_to_vocab_merges(tk.clip_anytorch_bpe()))
-    return tk.sd1_clip_tokenizer(folder)
 
 
 def rand(b: int, n: int, seed: int) -> Tensor:

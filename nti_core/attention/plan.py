@@ -17,6 +17,7 @@ from torch import Tensor
 from ..alignment import (
     Tokenized,
     WordValues,
+    find_in_targets,
     parse_word_values,
     refine_alignment,
     replace_mapper,
@@ -116,12 +117,7 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PCon
     if spec.reweight:
         eq = torch.ones(len(tgts), tokenizer.max_length)
         for word, value in parse_word_values(spec.reweight):
-            found = [t.find(word) for t in tgts]
-            if all(f is None for f in found):
-                if len(tgts) == 1:
-                    raise tgts[0].unknown(word)
-                raise ValueError(f"reweight word {word!r} is in none of the targets {targets}")
-            for k, inds in enumerate(found):
+            for k, inds in enumerate(find_in_targets(tgts, word, "reweight")):
                 if inds is not None:
                     eq[k, inds] = value
     blend = None

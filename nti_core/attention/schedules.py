@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..alignment import tokenize
+from ..alignment import find_in_targets, tokenize
 from ..tokenizer import TokenizerSpec
 
 Bounds = float | tuple[float, float]
@@ -62,12 +62,7 @@ def cross_injection_alpha(
     toks = [tokenize(tokenizer, t) for t in targets]
     for word, bounds in spec.items():
         start, end = fraction_bounds(bounds, f"cross injection of {word!r}")
-        found = [t.find(word) for t in toks]
-        if all(f is None for f in found):
-            if len(toks) == 1:
-                raise toks[0].unknown(word)
-            raise ValueError(f"{word!r} is in none of the target prompts {list(targets)}")
-        for k, inds in enumerate(found):
+        for k, inds in enumerate(find_in_targets(toks, word, "cross injection")):
             if inds is not None:
                 alpha[:, k, inds] = 0.0
                 alpha[int(start * rows) : int(end * rows), k, inds] = 1.0
