@@ -8,7 +8,7 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
-from ..nti_core.hosts.comfy import autograd
+from ..nti_core.hosts.comfy import autograd, check_interrupt
 from ..nti_core.null_text import (
     NullTextOptions,
     check_trajectory_model,
@@ -84,7 +84,8 @@ class NTINullTextOptimize(io.ComfyNode):
             with autograd():  # ComfyUI runs nodes under inference_mode: leave it, clone inputs
                 traj = trajectory_to(_normal_copy(trajectory), den.device)
                 uncond = null_text_optimize(den, traj, null.clone().to(den.device), options,
-                                            progress=progress_bar(traj.num_steps))
+                                            progress=progress_bar(traj.num_steps),
+                                            check=check_interrupt)  # Cancel: every iteration
         else:
             uncond = negative_prompt_inversion(trajectory, guidance)
         report = uncond.report()

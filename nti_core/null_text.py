@@ -7,6 +7,7 @@ z̄ = the latent being walked down, z* = the pivot trajectory.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,13 @@ def null_text_optimize(
     options: NullTextOptions = NullTextOptions(),
     *,
     progress: Progress = no_progress,
+    check: Callable[[], None] = lambda: None,
 ) -> UncondEmbeddings:
     """Per-step ∅_i [N, L, D] that make CFG sampling at guidance w retrace the pivot.
 
     At step i: ε_c = ε(z̄, t_i, C) once; K times: ε = ε_∅ + w(ε_c − ε_∅), z̃ = DDIM(z̄, ε),
     loss = MSE(z̃, z*_{N−1−i}), Adam on ∅ (fresh, lr_i); then z̄ ← DDIM with ∅_i. ``progress`` is
-    told once per step.
+    told once per step; ``check`` runs before every inner iteration and may raise to cancel.
     """
     check_context(null_embedding, "null embedding")
     if null_embedding.shape[1:] != traj.embedding.shape[1:]:
@@ -87,6 +89,7 @@ def null_text_optimize(
         opt = torch.optim.Adam([uncond], lr=o.lr * (1.0 - i / o.lr_decay_steps))
         threshold = o.early_stop + i * o.early_stop_slope
         for k in range(o.inner_steps):
+            check()
             eps_u = denoiser.eps(z, t, uncond, step=i)
             z_rec = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
             loss = F.mse_loss(z_rec, target)

@@ -391,6 +391,19 @@ def test_progress_and_interrupt(pack: ModuleType, N: Any, comfy_sd15: Any,
             run(N["NTIP2PSample"], model=model, trajectory=chain["traj"], uncond=chain["uncond"],
                 plan=chain["plan"], guidance=7.5)
         assert updates == []  # stopped within the first step
+        calls: list[int] = []
+
+        def count(apply_model: Any, args: dict[str, Any]) -> Any:
+            calls.append(1)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        watched = model.clone()
+        watched.set_model_unet_function_wrapper(count)
+        mm.interrupt_current_processing(True)  # raising the exception cleared the flag
+        with pytest.raises(mm.InterruptProcessingException):
+            run(N["NTINullTextOptimize"], model=watched, clip=clip, trajectory=chain["traj"],
+                guidance=7.5, inner_steps=20, early_stop=0.0, method="null-text")
+        assert len(calls) <= 1  # only ε_c of step 0: Cancel is seen before every inner iteration
     finally:
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(old)
