@@ -186,6 +186,5 @@ class NTIAttentionEditPlan(io.ComfyNode):
         tok = sd1_tokenizer()
         source = encode_prompt(clip, spec.source, tok, "source prompt")
         targets = torch.cat([encode_prompt(clip, t, tok, "target prompt") for t in spec.targets])
-        plan = types.EditPlan(spec, targets.to(intermediate()), len(spec.targets),
-                              source.to(intermediate()))
+        plan = types.EditPlan(spec, targets.to(intermediate()), source.to(intermediate()))
         return io.NodeOutput(plan)

@@ -27,8 +27,11 @@ class EditPlan:
 
     spec: P2PSpec
     targets: Tensor
-    num_targets: int
     source_embedding: Tensor
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.spec.targets)
 
     @property
     def source(self) -> str:

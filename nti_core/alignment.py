@@ -223,10 +223,17 @@ def parse_word_values(spec: WordValues) -> list[tuple[str, float]]:
     return out
 
 
-def equalizer(tok: TokenizerSpec, prompt: str, spec: WordValues) -> Tensor:
-    """P2P Reweight equaliser [L]: the given value at the tokens of each named word, 1 elsewhere."""
-    t = tokenize(tok, prompt)
-    eq = torch.ones(tok.max_length)
+def equalizers(targets: Sequence[Tokenized], spec: WordValues) -> Tensor:
+    """P2P Reweight equalisers [K, L]: each value at its word's tokens in every target that has
+    the word, 1 elsewhere; a word in none of the targets is an error."""
+    eq = torch.ones(len(targets), targets[0].max_length)
     for word, value in parse_word_values(spec):
-        eq[t.indices(word)] = value
+        for k, inds in enumerate(find_in_targets(targets, word, "reweight")):
+            if inds is not None:
+                eq[k, inds] = value
     return eq
+
+
+def equalizer(tok: TokenizerSpec, prompt: str, spec: WordValues) -> Tensor:
+    """P2P Reweight equaliser [L] of one prompt (see :func:`equalizers`)."""
+    return equalizers([tokenize(tok, prompt)], spec)[0]

@@ -55,8 +55,3 @@ def save_png(x: Tensor, path: str | Path) -> Path:
     Image.fromarray(to_uint8(x)[0]).save(p)
     return p
 
-
-def psnr(a: Tensor, b: Tensor) -> float:
-    """PSNR in dB of two images in [−1, 1] (peak-to-peak 2)."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)

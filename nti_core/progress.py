@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 
@@ -15,13 +14,3 @@ class Progress(Protocol):
 def no_progress(done: int = 1) -> None:
     """The default: report nothing, never cancel."""
 
-
-def chain(*callbacks: Callable[[int], None] | None) -> Progress:
-    """One callback that calls each of the given ones (None entries are skipped)."""
-    live = [c for c in callbacks if c is not None]
-
-    def call(done: int = 1) -> None:
-        for c in live:
-            c(done)
-
-    return call

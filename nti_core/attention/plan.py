@@ -17,8 +17,7 @@ from torch import Tensor
 from ..alignment import (
     Tokenized,
     WordValues,
-    find_in_targets,
-    parse_word_values,
+    equalizers,
     refine_alignment,
     replace_mapper,
     tokenize,
@@ -113,13 +112,7 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PCon
             if t.ids != src.ids:
                 raise ValueError(f"reweight alone keeps the source prompt, but target {t.text!r} "
                                  f"differs from source {src.text!r}: use replace or refine")
-    eq = None
-    if spec.reweight:
-        eq = torch.ones(len(tgts), tokenizer.max_length)
-        for word, value in parse_word_values(spec.reweight):
-            for k, inds in enumerate(find_in_targets(tgts, word, "reweight")):
-                if inds is not None:
-                    eq[k, inds] = value
+    eq = equalizers(tgts, spec.reweight) if spec.reweight else None
     blend = None
     if spec.blend_words:
         toks = [src, *tgts]

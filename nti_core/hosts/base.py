@@ -112,6 +112,15 @@ class Denoiser(Protocol):
         ...
 
 
+def value_rows(rows: Rows, context: Tensor, value_context: Tensor | None) -> Tensor | None:
+    """Cross-attention value input per row: ``value_context`` on conditional rows, ``context``
+    on unconditional ones (StyleDiffusion's learned values feed only the conditional branch)."""
+    if value_context is None:
+        return None
+    keep = rows.branch.to(context.device)[:, None, None]
+    return torch.where(keep, value_context.to(context), context)
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Plain multi-head attention on projected q/k/v [B, N, h·d] → [B, Nq, h·d]."""
     b, nq, inner = q.shape

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Controller, Rows, Site, model_fingerprint, sdpa
+from .base import Controller, Rows, Site, model_fingerprint, sdpa, value_rows
 
 log = logging.getLogger(__name__)
 
@@ -426,10 +426,7 @@ class ComfyDenoiser:
         scope = torch.inference_mode(False) if record else contextlib.nullcontext()
         with scope:
             z, context, value_context = (_usable(x, record) for x in (z, context, value_context))
-            values = None
-            if value_context is not None:
-                keep = rows.branch.to(context.device)[:, None, None]
-                values = torch.where(keep, value_context.to(context), context)
+            values = value_rows(rows, context, value_context)
             out = [
                 self._eps_call(
                     z[s:e], int(t), context[s:e], None if values is None else values[s:e],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Controller, Rows, Site, model_fingerprint, sdpa
+from .base import Controller, Rows, Site, model_fingerprint, sdpa, value_rows
 
 _NAME = re.compile(
     r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])"
@@ -140,10 +140,8 @@ class DiffusersDenoiser:
             rows = Rows.cond(b, device=z.device)
         if controller is not None and step is None:
             raise ValueError("a controller needs the step index")
-        vctx = None
-        if value_context is not None:
-            keep = rows.branch.to(z.device)[:, None, None]
-            vctx = torch.where(keep, value_context.to(context), context).to(self.dtype)
+        vctx = value_rows(rows, context, value_context)
+        vctx = None if vctx is None else vctx.to(self.dtype)
         c = self._call
         c.controller, c.rows, c.step = controller, rows, -1 if step is None else step
         c.latent_hw, c.value_context = (int(z.shape[2]), int(z.shape[3])), vctx
