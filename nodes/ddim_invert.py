@@ -52,9 +52,10 @@ class NTIDDIMInvert(io.ComfyNode):
                              tooltip="DDIM steps of the inversion; sampling uses the same ones "
                              "(50 as in the paper)."),
                 io.Combo.Input("grid", options=list(GRID_KINDS), default="reference",
-                               tooltip="Timesteps: 'reference' = the paper's diffusers DDIM grid "
-                               "(980…0 for 50 steps, ends at ᾱ₀); 'ddim_uniform' = ComfyUI's "
-                               "ddim_uniform scheduler (981…1, ends at σ = 0)."),
+                               tooltip="Timesteps: 'reference' = the papers' grid, diffusers' DDIM as "
+                               "StableDiffusionPipeline runs it (981…1 for 50 steps, the last "
+                               "step lands on ᾱ₀); 'ddim_uniform' = ComfyUI's ddim_uniform "
+                               "scheduler (the same 981…1 for 50 steps, ends at σ = 0)."),
             ],
             outputs=[
                 types.Trajectory.Output("trajectory", display_name="trajectory",

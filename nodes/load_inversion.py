@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..nti_core.files import load_inversion
 from . import types
@@ -58,7 +58,8 @@ class NTILoadInversion(io.ComfyNode):
             display_name="Load Inversion (NTI)",
             category=CATEGORY,
             description="Load an inversion saved by Save Inversion (NTI): pivot trajectory and "
-            "∅, checked against the connected model.",
+            "∅, checked against the connected model. Shows the prompt, the grid and the ∅ "
+            "report on the node.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL to edit with; must be the one the "
                                "inversion was made with."),
@@ -97,4 +98,6 @@ class NTILoadInversion(io.ComfyNode):
         if uncond is None:
             raise ValueError(f"{inversion} holds a trajectory but no ∅: run Null-Text Optimize "
                              "(NTI) on it")
-        return io.NodeOutput(traj, uncond)
+        summary = (f"source prompt: {traj.prompt}\ngrid {traj.grid.describe()}\n"
+                   f"latent {traj.latents.shape[-2]}x{traj.latents.shape[-1]}\n{uncond.report()}")
+        return io.NodeOutput(traj, uncond, ui=ui.PreviewText(summary))

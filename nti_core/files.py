@@ -7,6 +7,7 @@ format and, given the model's fingerprint, refuses an inversion made with other 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,10 +16,13 @@ import torch
 from torch import Tensor
 
 from .hosts.base import same_model
-from .schedule import Grid
+from .schedule import grid_from_file
 from .trajectory import Trajectory, UncondEmbeddings
 
-FORMAT = "nti-inversion/1"
+FORMAT = "nti-inversion/2"  # 2: the reference grid is 981…1 (StableDiffusionPipeline's offset)
+READABLE = ("nti-inversion/1", FORMAT)
+
+log = logging.getLogger(__name__)
 
 
 def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings | None) -> Path:
@@ -78,11 +82,13 @@ def load_inversion(
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{p.name} is not a safetensors file: {e}") from e
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE:
         raise ValueError(f"{p.name} is not an inversion file (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
-    grid = Grid(meta["grid_kind"], tuple(int(x) for x in t["grid_timesteps"].tolist()),
-                t["grid_alphas"].to(torch.float64), float(meta["grid_alpha_end"]))
+                         f"expected one of {READABLE})")
+    grid = grid_from_file(meta["grid_kind"], tuple(int(x) for x in t["grid_timesteps"].tolist()),
+                          t["grid_alphas"], float(meta["grid_alpha_end"]))
+    if grid.kind != meta["grid_kind"]:
+        log.warning("[NTI] %s carries the grid %s", p.name, grid.describe())
     traj = Trajectory(t["latents"].to(device), grid, meta["prompt"], t["embedding"].to(device),
                       t["fingerprint"])
     if fingerprint is not None and not same_model(traj.fingerprint, fingerprint):

@@ -17,6 +17,8 @@ from torch import Tensor
 
 GridKind = Literal["reference", "ddim_uniform"]
 GRID_KINDS: tuple[GridKind, ...] = ("reference", "ddim_uniform")
+REFERENCE_STEPS_OFFSET = 1  # StableDiffusionPipeline forces it on the reference's DDIMScheduler
+LEGACY_REFERENCE = "reference-offset0"  # 980…0: this pack's "reference" grid before format 2
 
 
 def scaled_linear_alphas_cumprod(
@@ -48,18 +50,31 @@ class Grid:
 
     def describe(self) -> str:
         t = self.timesteps
-        return f"{self.kind}: {self.num_steps} steps, t = {t[0]}…{t[-1]}, ends at ᾱ = {self.alpha_end:.6g}"
+        text = f"{self.kind}: {self.num_steps} steps, t = {t[0]}…{t[-1]}, ends at ᾱ = {self.alpha_end:.6g}"
+        if self.kind == LEGACY_REFERENCE:
+            text += (" (the pack's 'reference' grid before format 2, one timestep off the papers' "
+                     "981…1: invert again for the reference grid)")
+        return text
 
 
 def make_grid(alphas_cumprod: Tensor, num_steps: int, kind: GridKind = "reference") -> Grid:
-    """The reference grid (diffusers DDIM, steps_offset 0: 980…0 for N = 50, ending at ᾱ[0])
-    or ComfyUI's ``ddim_uniform`` (981…1 for N = 50, ending at ᾱ = 1)."""
+    """The reference grid or ComfyUI's ``ddim_uniform`` grid for ``num_steps`` steps.
+
+    ``reference``: what the papers' code runs — diffusers' DDIMScheduler as StableDiffusionPipeline
+    leaves it (``steps_offset`` 1, "leading" spacing, ``set_alpha_to_one=False``): t_i =
+    ⌊T/N⌋·(N−1−i) + 1 (981, 961, …, 1 for N = 50), the last step landing on ᾱ[0].
+    ``ddim_uniform``: ComfyUI's scheduler, the same timesteps for N dividing T, ending at ᾱ = 1
+    (and one step more when T % N ≠ 0, as ComfyUI does).
+    """
     total = int(alphas_cumprod.shape[0])
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= total:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= total:
         raise ValueError(f"steps must be an integer from 1 to {total}, got {num_steps!r}")
     if kind == "reference":
         ratio = total // num_steps
-        ts = [ratio * (num_steps - 1 - i) for i in range(num_steps)]
+        ts = [ratio * (num_steps - 1 - i) + REFERENCE_STEPS_OFFSET for i in range(num_steps)]
+        if ts[0] >= total:
+            raise ValueError(f"the reference grid has at most {total - 1} steps (its first "
+                             f"timestep would be {ts[0]}), got {num_steps}: use ddim_uniform")
         end = float(alphas_cumprod[0])
     elif kind == "ddim_uniform":
         # comfy.samplers.ddim_scheduler: sigmas[1], sigmas[1+ss], … reversed, then σ = 0.
@@ -70,6 +85,17 @@ def make_grid(alphas_cumprod: Tensor, num_steps: int, kind: GridKind = "referenc
         raise ValueError(f"grid must be one of {GRID_KINDS}, got {kind!r}")
     alphas = alphas_cumprod.to(torch.float64)[torch.tensor(ts)]
     return Grid(kind, tuple(ts), alphas, end)
+
+
+def grid_from_file(kind: str, timesteps: tuple[int, ...], alphas: Tensor, alpha_end: float) -> Grid:
+    """A grid read back from an inversion file, named for what it is.
+
+    Files written before the reference grid followed StableDiffusionPipeline (format 1) call
+    980…0 "reference"; that grid is kept as it was made and named ``LEGACY_REFERENCE``.
+    """
+    if kind == "reference" and timesteps and timesteps[-1] == 0:
+        kind = LEGACY_REFERENCE
+    return Grid(kind, tuple(timesteps), alphas.to(torch.float64), float(alpha_end))
 
 
 def ddim_step(z: Tensor, eps: Tensor, alpha_t: float, alpha_prev: float) -> Tensor:

@@ -71,3 +71,26 @@ def test_failed_write_leaves_existing_file(tmp_path, inversion, monkeypatch):
         save_inversion(p, traj, npi)
     assert p.read_bytes() == before
     assert [x.name for x in tmp_path.iterdir()] == ["cat.safetensors"]
+
+
+def test_format_1_file_loads_and_names_its_grid(tmp_path, caplog):
+    """Files written before format 2 called 980…0 "reference": they load as that grid, named."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nti_core.schedule import LEGACY_REFERENCE, Grid
+
+    den = LinearDenoiser(a=0.01)
+    ac = scaled_linear_alphas_cumprod()
+    ts = tuple(range(980, -1, -196))
+    old_grid = Grid("reference", ts, ac[list(ts)], float(ac[0]))
+    traj = ddim_invert(den, torch.randn(1, 4, 8, 8), torch.randn(1, 77, 768), old_grid, "a cat")
+    p = save_inversion(tmp_path / "old", traj, negative_prompt_inversion(traj))
+    with safe_open(str(p), framework="pt") as f:  # rewrite it as the format-1 writer did
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(p), metadata={**meta, "format": "nti-inversion/1"})
+    with caplog.at_level("WARNING"):
+        t2, u2 = load_inversion(p, den.fingerprint())
+    assert t2.grid.kind == LEGACY_REFERENCE and t2.grid.timesteps == ts
+    assert torch.equal(t2.latents, traj.latents) and u2 is not None
+    assert "980…0" in caplog.text and "invert again" in caplog.text

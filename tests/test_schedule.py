@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
@@ -16,12 +18,28 @@ from nti_core.schedule import (
 )
 
 
-def reference_scheduler():
-    from diffusers import DDIMScheduler
+@functools.lru_cache(maxsize=1)
+def pipeline_scheduler():
+    """The reference's scheduler as it runs: the notebooks' DDIMScheduler handed to
+    StableDiffusionPipeline, whose constructor sets steps_offset = 1 (REFERENCE §1)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=0)
-    s.set_timesteps(50)
+    from nti_core.hosts.diffusers_models import tiny_sd1
+
+    m = tiny_sd1()
+    notebook = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             clip_sample=False, set_alpha_to_one=False)
+    assert notebook.config.steps_offset == 0  # what the notebooks build …
+    pipe = StableDiffusionPipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, notebook,
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    assert pipe.scheduler.config.steps_offset == 1  # … and what the pipeline makes of it
+    return pipe.scheduler
+
+
+def reference_scheduler(num_steps: int = 50):
+    s = copy.deepcopy(pipeline_scheduler())  # (DDIMScheduler.from_config drops steps_offset)
+    s.set_timesteps(num_steps)
     return s
 
 
@@ -32,13 +50,29 @@ def test_alphas_match_diffusers_scaled_linear():
     assert torch.allclose(ours, theirs, atol=1e-7)
 
 
-def test_reference_grid_is_980_to_0_ending_at_alpha0():
+@pytest.mark.parametrize("n", [50, 30, 7, 1, 999])
+def test_reference_grid_is_the_pipelines(n):
+    """Timesteps and every level equal what StableDiffusionPipeline's DDIM steps between."""
+    ac = scaled_linear_alphas_cumprod()
+    g = make_grid(ac, n, "reference")
+    s = reference_scheduler(n)
+    assert list(g.timesteps) == s.timesteps.tolist()
+    for k, t in enumerate(g.timesteps):  # the step from t_k lands on ᾱ(t − T/N) or ᾱ[0]
+        prev = t - s.config.num_train_timesteps // s.num_inference_steps
+        theirs = s.alphas_cumprod[prev] if prev >= 0 else s.final_alpha_cumprod
+        assert g.level(k + 1) == pytest.approx(float(theirs), rel=2e-6), f"step {k}"  # fp32 there
+    assert g.alpha_end == pytest.approx(float(ac[0]))
+
+
+def test_reference_grid_is_981_to_1_ending_at_alpha0():
     ac = scaled_linear_alphas_cumprod()
     g = make_grid(ac, 50, "reference")
-    assert g.timesteps == tuple(range(980, -1, -20))
-    assert list(g.timesteps) == reference_scheduler().timesteps.tolist()
-    assert g.alpha_end == pytest.approx(float(ac[0]))
-    assert g.level(50) == g.alpha_end and g.level(0) == pytest.approx(float(ac[980]))
+    assert g.timesteps == tuple(range(981, 0, -20))
+    assert g.level(50) == g.alpha_end == pytest.approx(float(ac[0]))
+    assert g.level(49) == pytest.approx(float(ac[1]))  # inversion's first step: ᾱ[0] → ᾱ[1]
+    with pytest.raises(ValueError, match="at most 999 steps"):
+        make_grid(ac, 1000, "reference")
+    assert make_grid(ac, 1000, "ddim_uniform").num_steps == 999
 
 
 def test_ddim_uniform_grid_is_981_to_1_ending_at_one():
@@ -84,12 +118,30 @@ def test_sample_step_equals_diffusers_ddim_step():
         assert torch.allclose(sample_step(grid, i, z, eps), theirs, atol=2e-5), f"step {i}"
 
 
-def test_inversion_step_is_identity_at_t0_on_reference_grid():
-    grid = make_grid(scaled_linear_alphas_cumprod(), 50)
-    z = torch.randn(1, 4, 8, 8)
-    eps = torch.randn(1, 4, 8, 8)
-    assert torch.allclose(inversion_step(grid, 0, z, eps), z, atol=1e-6)
-    # and step j uses levels N−j → N−1−j: the last step lands on ᾱ(980)
-    x = inversion_step(grid, 49, z, eps)
-    expected = ddim_step(z, eps, grid.level(1), grid.level(0))
-    assert torch.allclose(x, expected)
+def test_inversion_step_starts_from_alpha0_on_reference_grid():
+    """Step 0 maps ᾱ[0] → ᾱ[1] (as the reference's next_step does from t = 1), the last one
+    ᾱ(961) → ᾱ(981); ddim_uniform's first step starts from ᾱ = 1 instead."""
+    ac = scaled_linear_alphas_cumprod()
+    grid = make_grid(ac, 50)
+    z = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    eps = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    assert torch.allclose(inversion_step(grid, 0, z, eps), ddim_step(z, eps, float(ac[0]), float(ac[1])))
+    assert torch.allclose(inversion_step(grid, 49, z, eps),
+                          ddim_step(z, eps, float(ac[961]), float(ac[981])))
+    uniform = make_grid(ac, 50, "ddim_uniform")
+    assert torch.allclose(inversion_step(uniform, 0, z, eps), ddim_step(z, eps, 1.0, float(ac[1])))
+    assert not torch.allclose(inversion_step(uniform, 0, z, eps), inversion_step(grid, 0, z, eps))
+
+
+def test_grid_of_an_old_file_says_what_it_is():
+    """Format-1 files called 980…0 "reference": read back, that grid keeps its levels and a name
+    of its own."""
+    from nti_core.schedule import LEGACY_REFERENCE, grid_from_file
+
+    ac = scaled_linear_alphas_cumprod()
+    ts = tuple(range(980, -1, -20))
+    g = grid_from_file("reference", ts, ac[list(ts)], float(ac[0]))
+    assert g.kind == LEGACY_REFERENCE and g.timesteps == ts
+    assert "980…0" in g.describe() and "invert again" in g.describe()
+    new = make_grid(ac, 50)
+    assert grid_from_file("reference", new.timesteps, new.alphas, new.alpha_end).kind == "reference"
