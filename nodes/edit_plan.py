@@ -13,12 +13,13 @@ import torch
 from comfy_api.latest import io
 
 from ..nti_core.alignment import parse_word_values
-from ..nti_core.attention.plan import P2PSpec, build_p2p
+from ..nti_core.attention.plan import SELF_LIMITS, P2PSpec, build_p2p
 from ..nti_core.validate import check_prompt
 from . import types
 from .common import CATEGORY, encode_prompt, intermediate, sd1_tokenizer
 
 EDIT_KINDS = ["auto", "replace", "refine"]
+SELF_LIMIT_OPTIONS = [f"{n}x{n}" for n in SELF_LIMITS]  # "32x32" (default), "16x16"
 VALIDATION_STEPS = 50  # the real N is known only at sampling; schedules are rebuilt there
 
 
@@ -50,7 +51,8 @@ def targets_of(target_prompts: str) -> tuple[str, ...]:
 def spec_from_inputs(source_prompt: str, target_prompts: str, edit_kind: str, cross_start: float,
                      cross_end: float, cross_words: str, self_start: float, self_end: float,
                      reweight: str, blend_words: str, subtract_words: str,
-                     blend_threshold: float, blend_start: float) -> P2PSpec:
+                     blend_threshold: float, blend_start: float,
+                     self_limit: str = SELF_LIMIT_OPTIONS[0]) -> P2PSpec:
     """The node's widget values → P2PSpec (syntax and ranges checked; words are checked by
     ``build_p2p``)."""
     if edit_kind not in EDIT_KINDS:
@@ -70,6 +72,8 @@ def spec_from_inputs(source_prompt: str, target_prompts: str, edit_kind: str, cr
             cross[word] = (default[0], end)
     if (reweight or "").strip():
         parse_word_values(reweight)  # syntax first; the words are looked up by build_p2p
+    if self_limit not in SELF_LIMIT_OPTIONS:
+        raise ValueError(f"self_limit must be one of {SELF_LIMIT_OPTIONS}, got {self_limit!r}")
     return P2PSpec(
         source=source,
         targets=targets,
@@ -81,6 +85,7 @@ def spec_from_inputs(source_prompt: str, target_prompts: str, edit_kind: str, cr
         subtract_words=_words(subtract_words),
         blend_threshold=_fraction("blend_threshold", blend_threshold),
         blend_start=_fraction("blend_start", blend_start),
+        self_limit=SELF_LIMITS[SELF_LIMIT_OPTIONS.index(self_limit)],
     )
 
 
@@ -91,7 +96,7 @@ def check_plan(spec: P2PSpec, num_steps: int = VALIDATION_STEPS) -> None:
 
 PLAN_INPUTS = ("source_prompt", "target_prompts", "edit_kind", "cross_start", "cross_end",
                "cross_words", "self_start", "self_end", "reweight", "blend_words",
-               "subtract_words", "blend_threshold", "blend_start")
+               "subtract_words", "blend_threshold", "blend_start", "self_limit")
 
 
 class NTIAttentionEditPlan(io.ComfyNode):
@@ -149,6 +154,13 @@ class NTIAttentionEditPlan(io.ComfyNode):
                 io.Float.Input("blend_start", default=0.2, **frac,
                                tooltip="Local blend: fraction of the steps after which the "
                                "region mask is applied."),
+                io.Combo.Input("self_limit", options=SELF_LIMIT_OPTIONS,
+                               default=SELF_LIMIT_OPTIONS[0],
+                               tooltip="Largest self-attention map that receives the source's "
+                               "self-attention: '32x32' as the null-text notebook (keeps more "
+                               "layout), '16x16' as the P2P notebook and diffusers' "
+                               "Prompt2PromptPipeline (SD 1.x at 512²: 64×64 maps are never "
+                               "injected)."),
             ],
             outputs=[
                 types.EditPlanType.Output("plan", display_name="plan",
@@ -161,11 +173,12 @@ class NTIAttentionEditPlan(io.ComfyNode):
     def validate_inputs(cls, source_prompt=None, target_prompts=None, edit_kind=None,
                         cross_start=None, cross_end=None, cross_words=None, self_start=None,
                         self_end=None, reweight=None, blend_words=None, subtract_words=None,
-                        blend_threshold=None, blend_start=None) -> bool | str:
+                        blend_threshold=None, blend_start=None,
+                        self_limit=SELF_LIMIT_OPTIONS[0]) -> bool | str:
         values = dict(zip(PLAN_INPUTS, (
             source_prompt, target_prompts, edit_kind, cross_start, cross_end, cross_words,
             self_start, self_end, reweight, blend_words, subtract_words, blend_threshold,
-            blend_start), strict=True))
+            blend_start, self_limit), strict=True))
         if any(v is None for v in values.values()):
             return True  # a linked value is known only at execution, which checks again
         try:
@@ -178,10 +191,11 @@ class NTIAttentionEditPlan(io.ComfyNode):
     def execute(cls, clip, source_prompt: str, target_prompts: str, edit_kind: str,
                 cross_start: float, cross_end: float, cross_words: str, self_start: float,
                 self_end: float, reweight: str, blend_words: str, subtract_words: str,
-                blend_threshold: float, blend_start: float) -> io.NodeOutput:
+                blend_threshold: float, blend_start: float,
+                self_limit: str = SELF_LIMIT_OPTIONS[0]) -> io.NodeOutput:
         spec = spec_from_inputs(source_prompt, target_prompts, edit_kind, cross_start, cross_end,
                                 cross_words, self_start, self_end, reweight, blend_words,
-                                subtract_words, blend_threshold, blend_start)
+                                subtract_words, blend_threshold, blend_start, self_limit)
         check_plan(spec)
         tok = sd1_tokenizer()
         source = encode_prompt(clip, spec.source, tok, "source prompt")

@@ -192,6 +192,25 @@ def test_self_injection_range_and_size() -> None:
             assert torch.allclose(out[1], sdpa(q, k, v, HEADS)[1], atol=1e-6)  # uncond untouched
 
 
+@pytest.mark.parametrize("limit", [32, 16])
+def test_self_injection_limit(tok: tk.TokenizerSpec, limit: int) -> None:
+    """32: maps up to 32×32 get the source's self-attention (null-text notebook); 16: up to
+    16×16 only (P2P notebook, diffusers' Prompt2PromptPipeline); the store keeps 32×32 maps."""
+    c = P2PSpec(CAT, (CAT,), mode="reweight", self_steps=1.0, self_limit=limit).build(tok, 10)
+    rows = Rows.cfg(2)
+    for hw in ((16, 16), (32, 32), (24, 16)):
+        n = hw[0] * hw[1]
+        q, k, v = rand(4, n, 0), rand(4, n, 1), rand(4, n, 2)
+        out = call(c, q, k, v, SELF, hw, 3, rows)
+        injected = n <= limit * limit
+        p_src = attention_probs(q[2:3], k[2:3], HEADS)
+        tgt = probs_times_v(p_src, v[3:4])[0] if injected else sdpa(q, k, v, HEADS)[3]
+        assert torch.allclose(out[3], tgt, atol=1e-6), (limit, hw)
+    assert c.store.max_pixels == 32 * 32
+    with pytest.raises(ValueError, match="self-attention limit must be one of"):
+        P2PSpec(CAT, (CAT,), mode="reweight", self_limit=64).build(tok, 10)
+
+
 def test_p2plus_unconditional_self_injection() -> None:
     q, k, v = rand(4, 16, 0), rand(4, 16, 1), rand(4, 16, 2)
     rows = Rows.cfg(2)

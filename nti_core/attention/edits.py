@@ -7,7 +7,8 @@ per-target tensor). On conditional rows, after the softmax and without renormali
                  | Refine   A_src[…, m]·a + A_tgt·(1 − a)       (m, a [L] from the alignment)
                  | none     A_src                  (target prompt = source prompt)
             then Reweight multiplies edit by the equaliser e [L].
-    self:   A_tgt ← A_src where Nq ≤ 32² and lo ≤ step < hi.
+    self:   A_tgt ← A_src where Nq ≤ self_max_pixels (32², or 16² as the P2P notebook) and
+            lo ≤ step < hi.
 P2Plus also injects the source's self-attention into the targets' *unconditional* rows.
 """
 
@@ -86,6 +87,9 @@ class P2PController:
 
     cross_alpha [N+1, K, L]; replace [K, L, L] or refine = (mapper [K, L] int64, alphas [K, L]),
     at most one of them; equalizer [K, L]; self_range / uncond_self_range: [lo, hi) steps.
+    Self-attention is injected only into maps of at most ``self_max_pixels`` query positions
+    (32² as the null-text notebook; 16² as the P2P notebook and diffusers' Prompt2PromptPipeline);
+    cross-attention maps are stored up to ``max_pixels``.
     ``store_edited`` records target maps after the edit (what the reference's in-place write does).
     """
 
@@ -100,6 +104,7 @@ class P2PController:
         local_blend: LocalBlend | None = None,
         uncond_self_range: tuple[int, int] = (0, 0),
         max_pixels: int = MAX_MAP_PIXELS,
+        self_max_pixels: int = MAX_MAP_PIXELS,
         store: AttentionStore | None = None,
         store_edited: bool = True,
     ) -> None:
@@ -117,7 +122,7 @@ class P2PController:
         self.self_range, self.uncond_self_range = self_range, uncond_self_range
         self.replace, self.refine, self.equalizer = replace, refine, equalizer
         self.local_blend = local_blend
-        self.max_pixels = max_pixels
+        self.max_pixels, self.self_max_pixels = max_pixels, self_max_pixels
         self.store = store if store is not None else AttentionStore(max_pixels)
         self.store_edited = store_edited
         self._cache: dict[tuple[str, int, torch.device, torch.dtype], Tensor] = {}
@@ -156,7 +161,7 @@ class P2PController:
                hw: tuple[int, int], step: int, rows: Rows) -> Tensor:
         """Attention output [B, Nq, h·d] with the edits of this step applied."""
         slots = rows.slot.to(q.device)
-        small = hw[0] * hw[1] <= self.max_pixels
+        small = hw[0] * hw[1] <= self.self_max_pixels
         if site.cross:
             alpha = self.alpha(step)
             edit = bool((alpha != 0).any())

@@ -1,7 +1,7 @@
 """From prompts and user options to a ready :class:`P2PController` (all checks before sampling).
 
 Defaults are those of the null-text notebook of google/prompt-to-prompt: cross injection 0.8,
-self injection 0.5, local-blend threshold 0.3 from step ⌊0.2·N⌋. ``uncond_self`` is P2Plus's τ_u
+self injection 0.5 into maps up to 32×32, local-blend threshold 0.3 from step ⌊0.2·N⌋. ``uncond_self`` is P2Plus's τ_u
 (StyleDiffusion; 0 = off).
 """
 
@@ -28,6 +28,9 @@ from .schedules import Bounds, CrossSpec, cross_injection_alpha, injection_range
 
 EditMode = Literal["auto", "replace", "refine", "reweight"]
 EDIT_MODES: tuple[EditMode, ...] = ("auto", "replace", "refine", "reweight")
+# Largest self-attention map side that receives the source's self-attention: 32 as the null-text
+# notebook (the default), 16 as the P2P notebook and diffusers' Prompt2PromptPipeline.
+SELF_LIMITS = (32, 16)
 
 
 def word_selection(toks: Sequence[Tokenized], words: Sequence[str] | Sequence[Sequence[str]],
@@ -72,6 +75,7 @@ class P2PSpec:
     blend_start: float = 0.2
     uncond_self: Bounds = 0.0
     store_edited: bool = True
+    self_limit: int = SELF_LIMITS[0]  # self-attention injected into maps ≤ self_limit² only
 
     def build(self, tokenizer: TokenizerSpec, num_steps: int) -> P2PController:
         """Tokenise, align and schedule; raises ValueError on anything inconsistent."""
@@ -96,6 +100,9 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PCon
     targets = (spec.targets,) if isinstance(spec.targets, str) else tuple(spec.targets)
     if not targets:
         raise ValueError("P2P needs at least one target prompt")
+    if spec.self_limit not in SELF_LIMITS:
+        raise ValueError(f"self-attention limit must be one of {SELF_LIMITS} (map side in "
+                         f"positions), got {spec.self_limit!r}")
     if spec.mode not in EDIT_MODES:
         raise ValueError(f"mode must be one of {EDIT_MODES}, got {spec.mode!r}")
     src = tokenize(tokenizer, spec.source)
@@ -128,5 +135,5 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PCon
         injection_range(num_steps, spec.self_steps),
         replace=replace, refine=refine, equalizer=eq, local_blend=blend,
         uncond_self_range=injection_range(num_steps, spec.uncond_self, "unconditional self injection"),
-        store_edited=spec.store_edited,
+        store_edited=spec.store_edited, self_max_pixels=spec.self_limit**2,
     )
