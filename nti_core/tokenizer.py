@@ -165,7 +165,8 @@ def resolve_vocab_folder(folder: str | Path | None = None, cache_dir: str | Path
 def _load_clip(folder: str) -> Any:
     from transformers import CLIPTokenizer  # lazy: nti_core imports torch/numpy only at top level
 
-    return CLIPTokenizer.from_pretrained(folder)
+    # SD 1.x reads 77 positions; ComfyUI's copy of the files declares a larger limit
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=SD1_MAX_LENGTH)
 
 
 def sd1_clip_tokenizer(

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..schedule import scaled_linear_alphas_cumprod
 from ..tokenizer import sd1_clip_tokenizer
 from .diffusers import DiffusersDenoiser
-from .sd1_single_file import write_sd1_config
+from .sd1_single_file import read_header, write_sd1_config
 
 log = logging.getLogger(__name__)
 
@@ -127,29 +127,41 @@ def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def load_sd1(path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32") -> SD1Model:
-    """A diffusers folder (model_index.json) or a single-file SD 1.x checkpoint (.safetensors, LDM
-    layout; configs inferred offline by :func:`write_sd1_config`, which rejects .ckpt pickles).
-
-    The UNet runs in ``dtype``; the null-text optimisation casts what it optimises to fp32.
-    """
-    from diffusers import StableDiffusionPipeline
-
+def check_model_path(path: str | Path) -> Path:
+    """The cheap checks of :func:`load_sd1`, without importing diffusers: the path exists and is
+    a diffusers folder or a readable single-file ``.safetensors`` (a ``.ckpt`` is refused)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no model at {p}")
-    torch_dtype = _dtype(dtype)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ValueError(f"{p} is not a diffusers folder (no model_index.json)")
+    else:
+        read_header(p)
+    return p
+
+
+def load_sd1(path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32") -> SD1Model:
+    """A diffusers folder (model_index.json) or a single-file SD 1.x checkpoint (.safetensors, LDM
+    layout; configs inferred offline by :func:`write_sd1_config`). ``.ckpt`` pickles are refused.
+
+    The path and the file's header are checked before diffusers is imported (its import is slow
+    and chatty). The UNet runs in ``dtype``; the null-text optimisation casts what it optimises
+    to fp32.
+    """
+    p = check_model_path(path)
+    torch_dtype = _dtype(dtype)
+    if p.is_dir():
+        from diffusers import StableDiffusionPipeline
+
         pipe = StableDiffusionPipeline.from_pretrained(
             p, torch_dtype=torch_dtype, local_files_only=True, safety_checker=None
         )
     else:
-        if p.suffix not in (".safetensors", ".ckpt"):
-            raise ValueError(f"expected a .safetensors checkpoint or a diffusers folder: {p.name}")
         with tempfile.TemporaryDirectory() as config_dir:
             write_sd1_config(config_dir, p)
+            from diffusers import StableDiffusionPipeline
+
             pipe = StableDiffusionPipeline.from_single_file(
                 str(p), config=config_dir, torch_dtype=torch_dtype, local_files_only=True,
                 safety_checker=None,  # load_safety_checker=False would fetch it from the Hub
