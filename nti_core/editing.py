@@ -17,12 +17,13 @@ from .null_text import NullTextOptions, negative_prompt_inversion, null_text_opt
 from .progress import Progress, no_progress
 from .sampling import p2p_sample
 from .schedule import GridKind, make_grid
+from .style import StyleOptions, style_invert
 from .tokenizer import from_hf
-from .trajectory import Trajectory, UncondEmbeddings
+from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from .validate import check_prompt
 
-Method = Literal["null-text", "negative-prompt", "none"]
-METHODS: tuple[Method, ...] = ("null-text", "negative-prompt", "none")
+Method = Literal["null-text", "negative-prompt", "styled", "none"]
+METHODS: tuple[Method, ...] = ("null-text", "negative-prompt", "styled", "none")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Inversion:
     trajectory: Trajectory
     uncond: UncondEmbeddings
     timings: dict[str, float] = field(default_factory=dict)
+    values: ValueEmbeddings | None = None  # StyleDiffusion's (method "styled")
 
 
 def invert(
@@ -43,33 +45,47 @@ def invert(
     grid: GridKind = "reference",
     method: Method = "null-text",
     options: NullTextOptions = NullTextOptions(),
+    style: StyleOptions = StyleOptions(),
+    image_tokens: Tensor | None = None,
+    encoder: str = "image encoder",
     progress: Progress = no_progress,
 ) -> Inversion:
-    """DDIM inversion of z0 under ``source``, then ∅ by ``method``."""
+    """DDIM inversion of z0 under ``source``, then ∅ by ``method``; ``styled`` optimises
+    StyleDiffusion's value embeddings from ``image_tokens`` = E(x) instead (∅ stays "")."""
     source = check_prompt(source, "source prompt")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     g = make_grid(model.alphas_cumprod, steps, grid)
     cond, null = model.encode_prompt(source), model.encode_prompt("")
     t0 = time.perf_counter()
-    traj = ddim_invert(model.denoiser, z0, cond, g, source, progress=progress)
+    if method == "styled" and image_tokens is None:
+        raise ValueError("StyleDiffusion needs the image encoder's tokens of the photo")
+    record = ((method == "null-text" and options.attention_weight > 0)
+              or (method == "styled" and style.attention_weight > 0))
+    traj = ddim_invert(model.denoiser, z0, cond, g, source, record_maps=record, progress=progress)
     t1 = time.perf_counter()
     if method == "null-text":
         uncond = null_text_optimize(model.denoiser, traj, null, options, progress=progress)
     elif method == "negative-prompt":
         uncond = negative_prompt_inversion(traj, options.guidance)
+    elif method == "styled":
+        uncond = plain_null(traj, null, style.guidance)
+        values = style_invert(model.denoiser, traj, image_tokens, null, style, encoder=encoder,
+                              progress=progress)
     else:
         uncond = plain_null(traj, null, options.guidance)
     t2 = time.perf_counter()
-    return Inversion(traj, uncond, {"ddim_inversion": t1 - t0, method: t2 - t1})
+    return Inversion(traj, uncond, {"ddim_inversion": t1 - t0, method: t2 - t1},
+                     values if method == "styled" else None)
 
 
-def build_controller(model: SD1Model, spec: P2PSpec, num_steps: int) -> P2PController:
+def build_controller(model: SD1Model, spec: P2PSpec, num_steps: int,
+                     keep_step_maps: bool = False) -> P2PController:
     """The P2P controller for ``spec`` with the model's own tokenizer (all checks happen here)."""
     check_prompt(spec.source, "source prompt")
     for t in spec.targets:
         check_prompt(t, "target prompt")
-    return spec.build(from_hf(model.tokenizer), num_steps)
+    return spec.build(from_hf(model.tokenizer), num_steps, keep_step_maps)
 
 
 def edit(
@@ -79,9 +95,11 @@ def edit(
     *,
     controller: P2PController | None = None,
     guidance: float | None = None,
+    value_end: float = 0.5,
     progress: Progress = no_progress,
 ) -> Tensor:
-    """Latents [1 + K, 4, h, w]: the reconstruction, then one edit per target prompt."""
+    """Latents [1 + K, 4, h, w]: the reconstruction, then one edit per target prompt
+    (with StyleDiffusion's values: targets read them while step < ``value_end``·N)."""
     if spec.source != inv.trajectory.prompt:
         raise ValueError(
             f"the edit's source prompt {spec.source!r} is not the inversion's "
@@ -90,4 +108,5 @@ def edit(
     ctrl = controller or build_controller(model, spec, inv.trajectory.num_steps)
     contexts = torch.cat([inv.trajectory.embedding] + [model.encode_prompt(t) for t in spec.targets])
     return p2p_sample(model.denoiser, inv.trajectory, inv.uncond, contexts,
-                      guidance=guidance, controller=ctrl, progress=progress)
+                      guidance=guidance, controller=ctrl, values=inv.values, value_end=value_end,
+                      progress=progress)

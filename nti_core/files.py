@@ -17,16 +17,20 @@ from torch import Tensor
 
 from .hosts.base import same_model
 from .schedule import grid_from_file
-from .trajectory import Trajectory, UncondEmbeddings
+from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 
-FORMAT = "nti-inversion/2"  # 2: the reference grid is 981…1 (StableDiffusionPipeline's offset)
-READABLE = ("nti-inversion/1", FORMAT)
+# 2: the reference grid is 981…1 (StableDiffusionPipeline's offset); 3: optional attention maps
+# and StyleDiffusion value embeddings
+FORMAT = "nti-inversion/3"
+READABLE = ("nti-inversion/1", "nti-inversion/2", FORMAT)
 
 log = logging.getLogger(__name__)
 
 
-def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings | None) -> Path:
-    """Write ``traj`` (and ``uncond`` when given) to ``path``; returns the path written."""
+def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings | None,
+                   values: ValueEmbeddings | None = None) -> Path:
+    """Write ``traj`` (and ``uncond``, StyleDiffusion's ``values`` when given) to ``path``;
+    returns the path written."""
     from safetensors.torch import save_file
 
     p = Path(path)
@@ -39,6 +43,8 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
         "grid_alphas": traj.grid.alphas,
         "grid_timesteps": torch.tensor(traj.grid.timesteps, dtype=torch.int64),
     }
+    if traj.maps is not None:
+        tensors["maps"] = traj.maps
     meta = {
         "format": FORMAT,
         "prompt": traj.prompt,
@@ -52,7 +58,21 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
         meta["uncond"] = json.dumps({
             "method": uncond.method, "guidance": uncond.guidance, "final_loss": uncond.final_loss,
             "first_loss": uncond.first_loss, "iterations": uncond.iterations,
-            "seconds": uncond.seconds,
+            "seconds": uncond.seconds, "attention_weight": uncond.attention_weight,
+            "attention_loss": uncond.attention_loss,
+        })
+    if values is not None:
+        values.check_for(traj)
+        tensors["value_shift"] = values.shift
+        tensors["value_pivot"] = values.pivot
+        if values.scale is not None:
+            tensors["value_scale"] = values.scale
+        meta["values"] = json.dumps({
+            "variant": values.variant, "encoder": values.encoder, "guidance": values.guidance,
+            "prompt": values.prompt, "final_loss": values.final_loss,
+            "first_loss": values.first_loss, "iterations": values.iterations,
+            "attention_weight": values.attention_weight, "attention_loss": values.attention_loss,
+            "seconds": values.seconds,
         })
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +91,14 @@ def load_inversion(
     path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu"
 ) -> tuple[Trajectory, UncondEmbeddings | None]:
     """Read a file written by :func:`save_inversion`; with ``fingerprint``, refuse other models."""
+    traj, uncond, _ = load_inversion_all(path, fingerprint, device)
+    return traj, uncond
+
+
+def load_inversion_all(
+    path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu"
+) -> tuple[Trajectory, UncondEmbeddings | None, ValueEmbeddings | None]:
+    """Like :func:`load_inversion`, with StyleDiffusion's value embeddings (None if absent)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -89,8 +117,9 @@ def load_inversion(
                           t["grid_alphas"], float(meta["grid_alpha_end"]))
     if grid.kind != meta["grid_kind"]:
         log.warning("[NTI] %s carries the grid %s", p.name, grid.describe())
+    maps = t["maps"].to(device) if "maps" in t else None
     traj = Trajectory(t["latents"].to(device), grid, meta["prompt"], t["embedding"].to(device),
-                      t["fingerprint"])
+                      t["fingerprint"], maps)
     if fingerprint is not None and not same_model(traj.fingerprint, fingerprint):
         raise ValueError(
             f"{p.name} was made with a different model than the one connected: invert the image "
@@ -101,5 +130,14 @@ def load_inversion(
         info = json.loads(meta["uncond"])
         uncond = UncondEmbeddings(t["uncond"].to(device), info["method"], float(info["guidance"]),
                                   info["final_loss"], info["first_loss"], info["iterations"],
-                                  float(info["seconds"]))
-    return traj, uncond
+                                  float(info["seconds"]), float(info.get("attention_weight", 0.0)),
+                                  info.get("attention_loss", []))
+    values = None
+    if "value_shift" in t:
+        v = json.loads(meta["values"])
+        values = ValueEmbeddings(
+            t["value_shift"].to(device), t["value_scale"].to(device) if "value_scale" in t else None,
+            v["variant"], v["encoder"], float(v["guidance"]), v["prompt"], t["value_pivot"],
+            v["final_loss"], v["first_loss"], v["iterations"], float(v["attention_weight"]),
+            v["attention_loss"], float(v["seconds"]))
+    return traj, uncond, values

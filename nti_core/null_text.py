@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention.controller import MapRecorder
+from .attention.edits import blend_map_size
 from .hosts.base import Denoiser, Rows, same_model
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, UncondEmbeddings, stack
 from .validate import check_context
+
+UNCOND_ROW = Rows.make([False], [0])  # the ∅ pass, labelled as such for the map recorder
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class NullTextOptions:
     early_stop_slope: float = 2e-5
     lr: float = 1e-2  # lr_i = lr · (1 − i / lr_decay_steps)
     lr_decay_steps: float = 100.0
+    attention_weight: float = 0.0  # λ of the attention loss (0 = the reference, bit for bit)
 
     def __post_init__(self) -> None:
         if not self.guidance > 0:
@@ -39,6 +44,17 @@ class NullTextOptions:
             raise ValueError(f"inner iterations must be a positive integer, got {self.inner_steps!r}")
         if self.early_stop < 0 or self.lr <= 0:
             raise ValueError(f"early stop must be ≥ 0 and lr > 0, got {self.early_stop}, {self.lr}")
+        if not self.attention_weight >= 0:
+            raise ValueError(f"attention loss weight must be ≥ 0, got {self.attention_weight}")
+
+
+def attention_loss(maps: Tensor, target: Tensor) -> Tensor:
+    """Σ over layers of the MSE between per-head maps [layers, heads, Nq, L] (StyleDiffusion's
+    ``attn_loss``: one ``mse_loss`` per layer, summed)."""
+    if maps.shape != target.shape:
+        raise ValueError(f"attention maps {tuple(maps.shape)} do not match the recorded "
+                         f"{tuple(target.shape)}")
+    return (maps.float() - target.to(maps.device, torch.float32)).pow(2).mean(dim=(1, 2, 3)).sum()
 
 
 def check_trajectory_model(traj: Trajectory, denoiser: Denoiser) -> None:
@@ -64,6 +80,11 @@ def null_text_optimize(
     At step i: ε_c = ε(z̄, t_i, C) once; K times: ε = ε_∅ + w(ε_c − ε_∅), z̃ = DDIM(z̄, ε),
     loss = MSE(z̃, z*_{N−1−i}), Adam on ∅ (fresh, lr_i); then z̄ ← DDIM with ∅_i. ``progress`` is
     told once per step; ``check`` runs before every inner iteration and may raise to cancel.
+
+    With ``options.attention_weight`` λ > 0 the loss adds λ·Σ_layers MSE(A_∅, A*_i): the
+    unconditional pass's per-head cross-attention at a quarter of the latent side against the
+    source prompt's maps recorded at inversion (``Trajectory.loss_maps``) — the only maps ∅
+    moves. λ = 0 runs exactly the reference loop (no map is materialised).
     """
     check_context(null_embedding, "null embedding")
     if null_embedding.shape[1:] != traj.embedding.shape[1:]:
@@ -73,6 +94,12 @@ def null_text_optimize(
         )
     o = options
     grid, n, cond = traj.grid, traj.num_steps, traj.embedding
+    recorder = None
+    if o.attention_weight > 0:
+        traj.loss_maps(0)  # refuses an inversion without maps before any work
+        recorder = MapRecorder(blend_map_size(tuple(traj.latents.shape[-2:])), branch=False,
+                               detach=False)
+    map_err: list[float] = []
     z = traj.latents[n : n + 1].float()
     uncond = null_embedding.detach().float().clone()
     out: list[Tensor] = []
@@ -90,9 +117,16 @@ def null_text_optimize(
         threshold = o.early_stop + i * o.early_stop_slope
         for k in range(o.inner_steps):
             check()
-            eps_u = denoiser.eps(z, t, uncond, step=i)
+            if recorder is None:
+                eps_u = denoiser.eps(z, t, uncond, step=i)
+            else:
+                recorder.maps.clear()
+                eps_u = denoiser.eps(z, t, uncond, rows=UNCOND_ROW, step=i, controller=recorder)
             z_rec = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
             loss = F.mse_loss(z_rec, target)
+            if recorder is not None:
+                a_loss = attention_loss(recorder.step_maps(i), traj.loss_maps(i))
+                loss = loss + o.attention_weight * a_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -103,6 +137,8 @@ def null_text_optimize(
                 break
         final.append(value)
         iters.append(k + 1)
+        if recorder is not None:
+            map_err.append(a_loss.item())
         uncond = uncond.detach()
         out.append(uncond)
         with torch.no_grad():  # one batched CFG call, as the reference (parity to 1e-5)
@@ -119,6 +155,8 @@ def null_text_optimize(
         first_loss=first,
         iterations=iters,
         seconds=time.perf_counter() - start,
+        attention_weight=o.attention_weight,
+        attention_loss=map_err,
     )
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from .hosts.base import Controller, Denoiser, Rows
 from .progress import Progress, no_progress
 from .schedule import sample_step
-from .trajectory import Trajectory, UncondEmbeddings
+from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from .validate import check_context
 
 
@@ -21,7 +21,8 @@ def p2p_sample(
     *,
     guidance: float | None = None,
     controller: Controller | None = None,
-    value_contexts: Tensor | None = None,
+    values: ValueEmbeddings | None = None,
+    value_end: float = 0.5,
     progress: Progress = no_progress,
 ) -> Tensor:
     """Source and targets as one batch from z*_T → latents [S, 4, h, w] (row 0 = reconstruction).
@@ -29,6 +30,10 @@ def p2p_sample(
     contexts [S, L, D]: slot 0 = the source prompt, 1… = targets. Each step runs rows
     [∅_i × S | contexts] (branch-labelled), ε = ε_∅ + w(ε_c − ε_∅), DDIM, then
     ``controller.after_step`` (LocalBlend). ``guidance`` defaults to the one ∅ was optimised for.
+
+    ``values`` (StyleDiffusion): the conditional cross-attention reads its values from them —
+    always on the source row, on target rows while i < τ_v·N (``value_end`` = τ_v; the official
+    code's ``v_replace_steps``), then from the target's own prompt embedding.
     """
     check_context(contexts, "prompt embeddings", batch=None)
     if uncond.num_steps != traj.num_steps:
@@ -36,10 +41,13 @@ def p2p_sample(
             f"the unconditional embeddings have {uncond.num_steps} steps but the inversion has "
             f"{traj.num_steps}: optimise them on this inversion"
         )
-    if value_contexts is not None and value_contexts.shape != contexts.shape:
-        raise ValueError(
-            f"value embeddings {tuple(value_contexts.shape)} must match {tuple(contexts.shape)}"
-        )
+    if values is not None:
+        values.check_for(traj)
+        if not 0.0 <= value_end <= 1.0:
+            raise ValueError(f"τ_v (value_end) must be a fraction in [0, 1], got {value_end}")
+        if values.shift.shape[1:] != contexts.shape[1:]:
+            raise ValueError(f"value embeddings {tuple(values.shift.shape[1:])} do not match the "
+                             f"prompt embeddings {tuple(contexts.shape[1:])}")
     w = uncond.guidance if guidance is None else guidance
     s = contexts.shape[0]
     grid = traj.grid
@@ -48,7 +56,12 @@ def p2p_sample(
     for i in range(traj.num_steps):
         null = uncond.at(i).to(contexts).expand(s, -1, -1)
         ctx = torch.cat([null, contexts])
-        vctx = None if value_contexts is None else torch.cat([null, value_contexts])
+        vctx = None
+        if values is not None:
+            learned = values.values(i, contexts)
+            if not i < value_end * traj.num_steps:  # targets back on their own prompt
+                learned = torch.cat([learned[:1], contexts[1:]])
+            vctx = torch.cat([null, learned])
         eps = denoiser.eps(
             torch.cat([z, z]), grid.timesteps[i], ctx,
             rows=rows, step=i, controller=controller, value_context=vctx,

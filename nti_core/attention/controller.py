@@ -60,8 +60,10 @@ class AttentionStore:
 
     Keeps, per (site, slot), the sum over calls of the [Nq, Nk] map and the number of calls
     (``average`` = sum / count, ``sums`` = the reference's ``attention_store``); optionally the
-    maps of chosen steps (latest call wins) for StyleDiffusion's attention loss. Sums are detached;
-    step maps keep the graph when ``detach=False``.
+    maps of chosen steps (latest call wins) for StyleDiffusion's attention loss; and with
+    ``step_means`` the per-step mean over layers of each size (what the attention-map view
+    averages over a step range: [h·w, L] per step, size and slot). Sums are detached; step maps
+    keep the graph when ``detach=False``.
     """
 
     def __init__(
@@ -70,11 +72,13 @@ class AttentionStore:
         record_steps: Iterable[int] | bool = False,
         record_hw: Iterable[tuple[int, int]] | None = None,
         detach: bool = True,
+        step_means: bool = False,
     ) -> None:
         self.max_pixels = max_pixels
         self.record_steps = record_steps if isinstance(record_steps, bool) else set(record_steps)
         self.record_hw = None if record_hw is None else {tuple(hw) for hw in record_hw}
         self.detach = detach
+        self.step_means = step_means
         self.reset()
 
     def reset(self) -> None:
@@ -83,6 +87,8 @@ class AttentionStore:
         self._count: dict[tuple[Site, int], int] = {}
         self._hw: dict[Site, tuple[int, int]] = {}
         self._steps: dict[int, dict[tuple[Site, int], Tensor]] = {}
+        self._step_sum: dict[tuple[int, tuple[int, int], int], Tensor] = {}
+        self._step_n: dict[tuple[int, tuple[int, int], int], int] = {}
 
     def wants(self, site: Site, hw: tuple[int, int]) -> bool:
         """Whether maps of this layer are stored (cross-attention with Nq ≤ max_pixels)."""
@@ -104,6 +110,10 @@ class AttentionStore:
             self._count[key] = self._count.get(key, 0) + 1
             if keep_step:
                 self._steps.setdefault(step, {})[key] = d if self.detach else m.float()
+            if self.step_means:
+                k = (step, self._hw[site], int(slot))
+                self._step_sum[k] = self._step_sum[k] + d if k in self._step_sum else d.clone()
+                self._step_n[k] = self._step_n.get(k, 0) + 1
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, heads: int, site: Site,
                hw: tuple[int, int], step: int, rows: Rows) -> Tensor:
@@ -149,6 +159,14 @@ class AttentionStore:
         maps = [self._sum[(s, slot)] / self._count[(s, slot)] for s in sites]
         return torch.stack(maps).reshape(len(maps), hw[0], hw[1], -1)
 
+    def step_mean(self, step: int, hw: tuple[int, int], slot: int = 0) -> Tensor | None:
+        """Mean over the layers of size ``hw`` of the maps at ``step``: [h, w, L] (None when
+        none were recorded; needs ``step_means``)."""
+        k = (step, tuple(hw), slot)
+        if k not in self._step_sum:
+            return None
+        return (self._step_sum[k] / self._step_n[k]).reshape(hw[0], hw[1], -1)
+
     def recorded_steps(self) -> list[int]:
         return sorted(self._steps)
 
@@ -160,3 +178,51 @@ class AttentionStore:
             raise KeyError(f"no maps of size {tuple(hw)} recorded at step {step} for slot {slot}; "
                            f"recorded steps: {self.recorded_steps()}")
         return torch.stack(maps).reshape(len(maps), hw[0], hw[1], -1)
+
+
+class MapRecorder:
+    """Per-head cross-attention maps of one query size, per step, for one row (StyleDiffusion's
+    ``ddim_inv_attn`` and its attention loss, REFERENCE §6).
+
+    Records softmax(QKᵀ/√d) [heads, Nq, L] of the row with slot 0 in ``branch`` (True =
+    conditional) at every cross-attention layer of the down and up blocks whose query map is
+    ``hw`` (the official code reads ``down_cross`` and ``up_cross`` only, never the middle
+    block); every other call runs the fused kernel. ``detach=False`` keeps the graph (the loss
+    differentiates through it).
+    """
+
+    def __init__(self, hw: tuple[int, int], branch: bool = True, detach: bool = True) -> None:
+        self.hw = (int(hw[0]), int(hw[1]))
+        self.branch, self.detach = branch, detach
+        self.maps: dict[int, dict[Site, Tensor]] = {}
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, heads: int, site: Site,
+               hw: tuple[int, int], step: int, rows: Rows) -> Tensor:
+        branch = rows.branch.to(q.device) == self.branch
+        mine = (branch & (rows.slot.to(q.device) == 0)).nonzero()
+        if not site.cross or site.block == "middle" or tuple(hw) != self.hw or mine.numel() == 0:
+            return sdpa(q, k, v, heads)
+        if mine.numel() != 1:
+            raise RuntimeError(f"one row of slot 0 per branch expected, got rows {rows}")
+        r = int(mine[0, 0])
+        p = attention_probs(q[r : r + 1], k[r : r + 1], heads)  # [1, h, Nq, L]
+        self.maps.setdefault(step, {})[site] = p[0].detach() if self.detach else p[0]
+        parts = [sdpa(q[:r], k[:r], v[:r], heads)] if r > 0 else []
+        parts.append(probs_times_v(p, v[r : r + 1]))
+        if r + 1 < q.shape[0]:
+            parts.append(sdpa(q[r + 1 :], k[r + 1 :], v[r + 1 :], heads))
+        return torch.cat(parts)
+
+    def after_step(self, step: int, latents: Tensor) -> Tensor:
+        return latents
+
+    def step_maps(self, step: int) -> Tensor:
+        """The maps of ``step``: [layers, heads, Nq, L], layers in call order."""
+        got = self.maps.get(step)
+        if not got:
+            raise KeyError(f"no cross-attention maps of size {self.hw} recorded at step {step} "
+                           f"(recorded steps: {sorted(self.maps)})")
+        heads = {m.shape[0] for m in got.values()}
+        if len(heads) != 1:
+            raise ValueError(f"layers at {self.hw} have different head counts {sorted(heads)}")
+        return torch.stack(list(got.values()))

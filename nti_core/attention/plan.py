@@ -23,6 +23,7 @@ from ..alignment import (
     tokenize,
 )
 from ..tokenizer import TokenizerSpec
+from .controller import AttentionStore
 from .edits import LocalBlend, P2PController
 from .schedules import Bounds, CrossSpec, cross_injection_alpha, injection_range
 
@@ -77,9 +78,11 @@ class P2PSpec:
     store_edited: bool = True
     self_limit: int = SELF_LIMITS[0]  # self-attention injected into maps ≤ self_limit² only
 
-    def build(self, tokenizer: TokenizerSpec, num_steps: int) -> P2PController:
-        """Tokenise, align and schedule; raises ValueError on anything inconsistent."""
-        return build_p2p(tokenizer, self, num_steps)
+    def build(self, tokenizer: TokenizerSpec, num_steps: int,
+              keep_step_maps: bool = False) -> P2PController:
+        """Tokenise, align and schedule; raises ValueError on anything inconsistent.
+        ``keep_step_maps``: the store keeps per-step layer means (for the attention-map view)."""
+        return build_p2p(tokenizer, self, num_steps, keep_step_maps)
 
 
 def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Tokenized,
@@ -95,7 +98,8 @@ def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Token
     return "refine"
 
 
-def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PController:
+def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int,
+              keep_step_maps: bool = False) -> P2PController:
     """The controller for slots [source, *targets] (see :class:`P2PSpec`)."""
     targets = (spec.targets,) if isinstance(spec.targets, str) else tuple(spec.targets)
     if not targets:
@@ -136,4 +140,5 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int) -> P2PCon
         replace=replace, refine=refine, equalizer=eq, local_blend=blend,
         uncond_self_range=injection_range(num_steps, spec.uncond_self, "unconditional self injection"),
         store_edited=spec.store_edited, self_max_pixels=spec.self_limit**2,
+        store=AttentionStore(step_means=keep_step_maps),
     )
