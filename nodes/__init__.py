@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .attention_maps import NTIAttentionMaps
 from .ddim_invert import NTIDDIMInvert
 from .edit_plan import NTIAttentionEditPlan
 from .load_inversion import NTILoadInversion
 from .null_text import NTINullTextOptimize
 from .p2p_sample import NTIP2PSample
 from .save_inversion import NTISaveInversion
+from .style_invert import NTIStyleInvert
 
 NODES: list[type[io.ComfyNode]] = [
     NTIDDIMInvert,
     NTINullTextOptimize,
+    NTIStyleInvert,
     NTIAttentionEditPlan,
     NTIP2PSample,
     NTISaveInversion,
     NTILoadInversion,
+    NTIAttentionMaps,
 ]
 
 

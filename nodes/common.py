@@ -107,9 +107,19 @@ def intermediate() -> torch.device:
 
 def trajectory_to(traj: Trajectory, device: torch.device | str) -> Trajectory:
     """The trajectory with its tensors on ``device`` (a new object; the input is left alone)."""
+    maps = None if traj.maps is None else traj.maps.to(device)
     return dataclasses.replace(
-        traj, latents=traj.latents.to(device), embedding=traj.embedding.to(device)
+        traj, latents=traj.latents.to(device), embedding=traj.embedding.to(device), maps=maps
     )
+
+
+def normal_copy(traj: Trajectory) -> Trajectory:
+    """The trajectory with fresh (non-inference) tensors, usable in an autograd graph."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("normal_copy must run inside autograd()")
+    return dataclasses.replace(
+        traj, latents=traj.latents.clone(), embedding=traj.embedding.clone(),
+        fingerprint=traj.fingerprint.clone(), maps=None if traj.maps is None else traj.maps.clone())
 
 
 def uncond_to(uncond: UncondEmbeddings, device: torch.device | str) -> UncondEmbeddings:

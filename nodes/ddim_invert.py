@@ -56,6 +56,11 @@ class NTIDDIMInvert(io.ComfyNode):
                                "StableDiffusionPipeline runs it (981…1 for 50 steps, the last "
                                "step lands on ᾱ₀); 'ddim_uniform' = ComfyUI's ddim_uniform "
                                "scheduler (the same 981…1 for 50 steps, ends at σ = 0)."),
+                io.Boolean.Input("record_maps", default=False,
+                                 tooltip="Keep the source prompt's cross-attention maps at a "
+                                 "quarter of the latent side (16×16 at 512²) for every step, "
+                                 "with the trajectory: needed by Null-Text Optimize's "
+                                 "attention_loss (SD 1.x at 512², 50 steps: ~160 MB)."),
             ],
             outputs=[
                 types.Trajectory.Output("trajectory", display_name="trajectory",
@@ -80,14 +85,15 @@ class NTIDDIMInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt: str, steps: int,
-                grid: str) -> io.NodeOutput:
+                grid: str, record_maps: bool = False) -> io.NodeOutput:
         den = make_denoiser(model)
         z0 = latent_in(model, latent, den.device)  # one SD1 image, else a clear error first
         cond = encode_prompt(clip, source_prompt, sd1_tokenizer(), "source prompt")
         g = make_grid(den.alphas_cumprod, steps, grid)  # type: ignore[arg-type]
         tick = progress_bar(2 * g.num_steps)
         start = time.perf_counter()
-        traj = ddim_invert(den, z0, cond.to(den.device), g, source_prompt.strip(), progress=tick)
+        traj = ddim_invert(den, z0, cond.to(den.device), g, source_prompt.strip(),
+                           record_maps=record_maps, progress=tick)
         recon = ddim_reconstruct(den, traj, progress=tick)
         log.info("[NTI] DDIM inversion and round trip: %s, latent %dx%d, %.1f s", g.describe(),
                  z0.shape[-2], z0.shape[-1], time.perf_counter() - start)

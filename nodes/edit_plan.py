@@ -52,7 +52,8 @@ def spec_from_inputs(source_prompt: str, target_prompts: str, edit_kind: str, cr
                      cross_end: float, cross_words: str, self_start: float, self_end: float,
                      reweight: str, blend_words: str, subtract_words: str,
                      blend_threshold: float, blend_start: float,
-                     self_limit: str = SELF_LIMIT_OPTIONS[0]) -> P2PSpec:
+                     self_limit: str = SELF_LIMIT_OPTIONS[0],
+                     uncond_self_end: float = 0.0) -> P2PSpec:
     """The node's widget values → P2PSpec (syntax and ranges checked; words are checked by
     ``build_p2p``)."""
     if edit_kind not in EDIT_KINDS:
@@ -86,6 +87,7 @@ def spec_from_inputs(source_prompt: str, target_prompts: str, edit_kind: str, cr
         blend_threshold=_fraction("blend_threshold", blend_threshold),
         blend_start=_fraction("blend_start", blend_start),
         self_limit=SELF_LIMITS[SELF_LIMIT_OPTIONS.index(self_limit)],
+        uncond_self=_fraction("uncond_self_end", uncond_self_end),
     )
 
 
@@ -96,7 +98,7 @@ def check_plan(spec: P2PSpec, num_steps: int = VALIDATION_STEPS) -> None:
 
 PLAN_INPUTS = ("source_prompt", "target_prompts", "edit_kind", "cross_start", "cross_end",
                "cross_words", "self_start", "self_end", "reweight", "blend_words",
-               "subtract_words", "blend_threshold", "blend_start", "self_limit")
+               "subtract_words", "blend_threshold", "blend_start", "self_limit", "uncond_self_end")
 
 
 class NTIAttentionEditPlan(io.ComfyNode):
@@ -161,6 +163,11 @@ class NTIAttentionEditPlan(io.ComfyNode):
                                "layout), '16x16' as the P2P notebook and diffusers' "
                                "Prompt2PromptPipeline (SD 1.x at 512²: 64×64 maps are never "
                                "injected)."),
+                io.Float.Input("uncond_self_end", default=0.0, **frac,
+                               tooltip="P2Plus (StyleDiffusion) τ_u: fraction of the first "
+                               "steps where the targets' unconditional branch also takes the "
+                               "source's self-attention. 0 = plain Prompt-to-Prompt; 0.5 helps "
+                               "large structural edits (e.g. tent → tiger)."),
             ],
             outputs=[
                 types.EditPlanType.Output("plan", display_name="plan",
@@ -174,11 +181,11 @@ class NTIAttentionEditPlan(io.ComfyNode):
                         cross_start=None, cross_end=None, cross_words=None, self_start=None,
                         self_end=None, reweight=None, blend_words=None, subtract_words=None,
                         blend_threshold=None, blend_start=None,
-                        self_limit=SELF_LIMIT_OPTIONS[0]) -> bool | str:
+                        self_limit=SELF_LIMIT_OPTIONS[0], uncond_self_end=0.0) -> bool | str:
         values = dict(zip(PLAN_INPUTS, (
             source_prompt, target_prompts, edit_kind, cross_start, cross_end, cross_words,
             self_start, self_end, reweight, blend_words, subtract_words, blend_threshold,
-            blend_start, self_limit), strict=True))
+            blend_start, self_limit, uncond_self_end), strict=True))
         if any(v is None for v in values.values()):
             return True  # a linked value is known only at execution, which checks again
         try:
@@ -192,10 +199,12 @@ class NTIAttentionEditPlan(io.ComfyNode):
                 cross_start: float, cross_end: float, cross_words: str, self_start: float,
                 self_end: float, reweight: str, blend_words: str, subtract_words: str,
                 blend_threshold: float, blend_start: float,
-                self_limit: str = SELF_LIMIT_OPTIONS[0]) -> io.NodeOutput:
+                self_limit: str = SELF_LIMIT_OPTIONS[0],
+                uncond_self_end: float = 0.0) -> io.NodeOutput:
         spec = spec_from_inputs(source_prompt, target_prompts, edit_kind, cross_start, cross_end,
                                 cross_words, self_start, self_end, reweight, blend_words,
-                                subtract_words, blend_threshold, blend_start, self_limit)
+                                subtract_words, blend_threshold, blend_start, self_limit,
+                                uncond_self_end)
         check_plan(spec)
         tok = sd1_tokenizer()
         source = encode_prompt(clip, spec.source, tok, "source prompt")

@@ -9,7 +9,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..nti_core.files import load_inversion
+from ..nti_core.files import load_inversion_all
 from . import types
 from .common import CATEGORY, make_denoiser
 
@@ -71,6 +71,10 @@ class NTILoadInversion(io.ComfyNode):
                 types.Trajectory.Output("trajectory", display_name="trajectory",
                                         tooltip="The saved pivot."),
                 types.Uncond.Output("uncond", display_name="uncond", tooltip="The saved ∅."),
+                types.Values.Output("values", display_name="values",
+                                    tooltip="StyleDiffusion's value embeddings when the file "
+                                    "holds them (else nothing: leave P2P Sample's values "
+                                    "unconnected)."),
             ],
         )
 
@@ -94,10 +98,15 @@ class NTILoadInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion: str) -> io.NodeOutput:
         path = resolve(inversion)
-        traj, uncond = load_inversion(path, fingerprint=make_denoiser(model).fingerprint())
+        traj, uncond, values = load_inversion_all(path,
+                                                  fingerprint=make_denoiser(model).fingerprint())
         if uncond is None:
             raise ValueError(f"{inversion} holds a trajectory but no ∅: run Null-Text Optimize "
                              "(NTI) on it")
         summary = (f"source prompt: {traj.prompt}\ngrid {traj.grid.describe()}\n"
-                   f"latent {traj.latents.shape[-2]}x{traj.latents.shape[-1]}\n{uncond.report()}")
-        return io.NodeOutput(traj, uncond, ui=ui.PreviewText(summary))
+                   f"latent {traj.latents.shape[-2]}x{traj.latents.shape[-1]}\n"
+                   f"attention maps: {'yes' if traj.maps is not None else 'no'}\n"
+                   f"{uncond.report()}")
+        if values is not None:
+            summary += "\n" + values.report().splitlines()[0]
+        return io.NodeOutput(traj, uncond, values, ui=ui.PreviewText(summary))

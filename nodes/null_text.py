@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..nti_core.hosts.comfy import autograd, check_interrupt
@@ -22,6 +21,7 @@ from .common import (
     encode_empty,
     intermediate,
     make_denoiser,
+    normal_copy,
     progress_bar,
     trajectory_to,
     uncond_to,
@@ -60,6 +60,11 @@ class NTINullTextOptimize(io.ComfyNode):
                                tooltip="'null-text': optimise ∅ (about 1 minute at 512² on a "
                                "GPU); 'negative-prompt': ∅ = the source prompt, no "
                                "optimisation."),
+                io.Float.Input("attention_loss", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="λ of StyleDiffusion's attention loss (null-text only): "
+                               "also pull the ∅ pass's cross-attention toward the source "
+                               "prompt's maps recorded at inversion (DDIM Invert with "
+                               "record_maps). 0 = the paper's algorithm exactly."),
             ],
             outputs=[
                 types.Uncond.Output("uncond", display_name="uncond",
@@ -72,17 +77,24 @@ class NTINullTextOptimize(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, trajectory: Trajectory, guidance: float, inner_steps: int,
-                early_stop: float, method: str) -> io.NodeOutput:
+                early_stop: float, method: str, attention_loss: float = 0.0) -> io.NodeOutput:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if attention_loss > 0 and method != "null-text":
+            raise ValueError(f"attention_loss applies to method 'null-text', not {method!r}: set "
+                             "it to 0 or switch the method")
+        if attention_loss > 0 and trajectory.maps is None:
+            raise ValueError("attention_loss needs the attention maps of the inversion: turn on "
+                             "record_maps in DDIM Invert (NTI) (a file saved before format 3 "
+                             "has none: invert again)")
         den = make_denoiser(model, for_grad=method == "null-text")
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
         if method == "null-text":
             options = NullTextOptions(guidance=guidance, inner_steps=inner_steps,
-                                      early_stop=early_stop)
+                                      early_stop=early_stop, attention_weight=attention_loss)
             null = encode_empty(clip)
             with autograd():  # ComfyUI runs nodes under inference_mode: leave it, clone inputs
-                traj = trajectory_to(_normal_copy(trajectory), den.device)
+                traj = trajectory_to(normal_copy(trajectory), den.device)
                 uncond = null_text_optimize(den, traj, null.clone().to(den.device), options,
                                             progress=progress_bar(traj.num_steps),
                                             check=check_interrupt)  # Cancel: every iteration
@@ -93,11 +105,3 @@ class NTINullTextOptimize(io.ComfyNode):
                                                        if len(report.splitlines()) > 1 else ""))
         return io.NodeOutput(uncond_to(uncond, intermediate()), report,
                              ui=ui.PreviewText(report))
-
-
-def _normal_copy(traj: Trajectory) -> Trajectory:
-    """The trajectory with fresh (non-inference) tensors, usable in an autograd graph."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("_normal_copy must run inside autograd()")
-    return Trajectory(traj.latents.clone(), traj.grid, traj.prompt, traj.embedding.clone(),
-                      traj.fingerprint.clone())

@@ -9,9 +9,10 @@ import time
 import torch
 from comfy_api.latest import io
 
+from ..nti_core.attention.maps import AttentionMaps
 from ..nti_core.null_text import check_trajectory_model
 from ..nti_core.sampling import p2p_sample
-from ..nti_core.trajectory import Trajectory, UncondEmbeddings
+from ..nti_core.trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from . import types
 from .common import (
     CATEGORY,
@@ -67,19 +68,36 @@ class NTIP2PSample(io.ComfyNode):
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance; use the value ∅ was optimised "
                                "for, or the reconstruction drifts."),
+                types.Values.Input("values", optional=True,
+                                   tooltip="StyleDiffusion's value embeddings (StyleDiffusion "
+                                   "Invert or Load Inversion), made on this trajectory."),
+                io.Float.Input("value_end", default=0.5, min=0.0, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="StyleDiffusion τ_v: fraction of the first steps where "
+                               "the targets read the learned values; the source row always "
+                               "does (official README: 0.5)."),
             ],
             outputs=[
                 io.Latent.Output("latents", display_name="latents",
                                  tooltip="Batch of 1 + K latents: the reconstruction first, then "
                                  "one edit per target prompt (VAE Decode to see them)."),
+                types.Attention.Output("attention", display_name="attention",
+                                       tooltip="The run's cross-attention maps per step and "
+                                       "the LocalBlend mask, for Attention Maps (NTI)."),
             ],
         )
 
     @classmethod
     def execute(cls, model, trajectory: Trajectory, uncond: UncondEmbeddings,
-                plan: types.EditPlan, guidance: float) -> io.NodeOutput:
+                plan: types.EditPlan, guidance: float, values: ValueEmbeddings | None = None,
+                value_end: float = 0.5) -> io.NodeOutput:
         check_inputs(trajectory, uncond, plan)
-        controller = plan.spec.build(sd1_tokenizer(), trajectory.num_steps)  # the real N now
+        if values is not None:
+            values.check_for(trajectory)
+        if not 0.0 <= value_end <= 1.0:
+            raise ValueError(f"value_end must be a fraction in [0, 1], got {value_end}")
+        controller = plan.spec.build(sd1_tokenizer(), trajectory.num_steps,  # the real N now
+                                     keep_step_maps=True)
         if abs(guidance - uncond.guidance) > 1e-6:
             log.warning("[NTI] sampling at guidance %g with ∅ made for %g (%s): the "
                         "reconstruction will not match the photo exactly", guidance,
@@ -90,7 +108,12 @@ class NTIP2PSample(io.ComfyNode):
         contexts = torch.cat([traj.embedding, plan.targets.to(traj.embedding)])
         start = time.perf_counter()
         z = p2p_sample(den, traj, uncond_to(uncond, den.device), contexts, guidance=guidance,
-                       controller=controller, progress=progress_bar(traj.num_steps))
+                       controller=controller, values=values, value_end=value_end,
+                       progress=progress_bar(traj.num_steps))
         log.info("[NTI] P2P sampling: %d steps, %d prompts, %.1f s", traj.num_steps,
                  contexts.shape[0], time.perf_counter() - start)
-        return io.NodeOutput(latent_out(model, z))
+        blend = controller.local_blend
+        maps = AttentionMaps.from_store(
+            controller.store, (plan.source, *plan.spec.targets), traj.num_steps,
+            (int(z.shape[-2]), int(z.shape[-1])), None if blend is None else blend.last_mask)
+        return io.NodeOutput(latent_out(model, z), maps)

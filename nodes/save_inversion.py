@@ -11,7 +11,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..nti_core.files import save_inversion
-from ..nti_core.trajectory import Trajectory, UncondEmbeddings
+from ..nti_core.trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from . import types
 from .common import CATEGORY
 
@@ -44,18 +44,21 @@ class NTISaveInversion(io.ComfyNode):
                 io.String.Input("filename_prefix", default="nti/inversion",
                                 tooltip="Path under the output folder; '_00001.safetensors' and "
                                 "so on is appended."),
+                types.Values.Input("values", optional=True,
+                                   tooltip="StyleDiffusion's value embeddings of that pivot, "
+                                   "saved with it."),
             ],
             outputs=[],
         )
 
     @classmethod
     def execute(cls, trajectory: Trajectory, uncond: UncondEmbeddings,
-                filename_prefix: str) -> io.NodeOutput:
+                filename_prefix: str, values: ValueEmbeddings | None = None) -> io.NodeOutput:
         output_dir = folder_paths.get_output_directory()
         folder, name, _, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, output_dir)  # refuses paths outside the output folder
         os.makedirs(folder, exist_ok=True)
-        path = save_inversion(next_path(folder, name), trajectory, uncond)
+        path = save_inversion(next_path(folder, name), trajectory, uncond, values)
         log.info("[NTI] saved the inversion to %s", path)
         relative = os.path.relpath(path, output_dir).replace(os.sep, "/")
         ui = {"text": [relative],

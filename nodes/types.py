@@ -10,10 +10,13 @@ from torch import Tensor
 from ..nti_core.attention.plan import P2PSpec
 
 # Values travelling on these sockets: nti_core.trajectory.Trajectory (the DDIM pivot),
-# nti_core.trajectory.UncondEmbeddings (per-step ∅) and EditPlan below.
+# nti_core.trajectory.UncondEmbeddings (per-step ∅), EditPlan below and
+# nti_core.attention.maps.AttentionMaps (a run's cross-attention per step, the LocalBlend mask).
 Trajectory = io.Custom("NTI_TRAJECTORY")
 Uncond = io.Custom("NTI_UNCOND")
 EditPlanType = io.Custom("NTI_EDIT_PLAN")
+Attention = io.Custom("NTI_ATTENTION")
+Values = io.Custom("NTI_VALUES")  # nti_core.trajectory.ValueEmbeddings (StyleDiffusion)
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,108 @@ def save_png(x: Tensor, path: str | Path) -> Path:
     Image.fromarray(to_uint8(x)[0]).save(p)
     return p
 
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB between images in [−1, 1] (as 8-bit viewers see them: clamped to [0, 1])."""
+    x = ((a.detach().float() + 1) / 2).clamp(0, 1)
+    y = ((b.detach().float() + 1) / 2).clamp(0, 1)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """Split ``text`` into lines (on "\n", then between words) no wider than ``width``."""
+    out: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and font.getlength(trial) > width:
+                out.append(line)
+                line = word
+            else:
+                line = trial
+        out.append(line)
+    return out
+
+
+def contact_sheet(tiles: list[tuple[Tensor, str]], path: str | Path, columns: int,
+                  title: str = "", tile: int = 256) -> Path:
+    """One PNG: images [1, 3, H, W] in [−1, 1], each shown at ``tile`` px with its caption below
+    (wrapped to the tile's width), ``columns`` per row, an optional title on top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(11, tile // 18))
+    line = int(font.size * 1.3)
+    captions = [_wrap(c, font, tile) for _, c in tiles]
+    pad = 8
+    heading = _wrap(title, font, columns * (tile + pad) - pad) if title else []
+    top = len(heading) * line + (pad if heading else 0)
+    rows = -(-len(tiles) // columns)
+    cell_w, cell_h = tile + pad, tile + pad + max(map(len, captions)) * line + pad
+    sheet = Image.new("RGB", (columns * cell_w + pad, top + rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, text in enumerate(heading):
+        draw.text((pad, pad + k * line), text, fill="black", font=font)
+    for n, ((x, _), lines) in enumerate(zip(tiles, captions, strict=True)):
+        r, c = divmod(n, columns)
+        left, upper = pad + c * cell_w, top + pad + r * cell_h
+        img = Image.fromarray(to_uint8(x)[0]).resize((tile, tile), Image.LANCZOS)
+        sheet.paste(img, (left, upper))
+        for k, text in enumerate(lines):
+            draw.text((left, upper + tile + 4 + k * line), text, fill="black", font=font)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(p)
+    return p
+
+
+# Anchors of a perceptual dark-blue → yellow colour map (close to matplotlib's "viridis").
+_COLOURS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+                    dtype=np.float32)
+
+
+def colourise(m: np.ndarray) -> np.ndarray:
+    """[h, w] in [0, 1] → RGB uint8 [h, w, 3] on the colour map above."""
+    x = np.clip(m, 0.0, 1.0) * (len(_COLOURS) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_COLOURS) - 2)
+    f = (x - lo)[..., None]
+    return (_COLOURS[lo] * (1 - f) + _COLOURS[lo + 1] * f).round().astype(np.uint8)
+
+
+def heatmap_grid(photo: Tensor, maps: Tensor, labels: list[str], title: str = "",
+                 tile: int = 192, columns: int = 8, opacity: float = 0.6) -> np.ndarray:
+    """Each map [n, h, w] (normalised by its own maximum, as P2P's ``show_cross_attention``)
+    coloured and laid over the photo [1, 3, H, W] in [−1, 1], its label below; ``columns`` per
+    row, an optional title on top → RGB uint8 [rows·…, …, 3]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if maps.shape[0] != len(labels):
+        raise ValueError(f"{maps.shape[0]} maps but {len(labels)} labels")
+    base = Image.fromarray(to_uint8(photo)[0]).resize((tile, tile), Image.LANCZOS)
+    grey = np.asarray(base.convert("L").convert("RGB"), dtype=np.float32)
+    font = ImageFont.load_default(size=max(11, tile // 14))
+    line, pad = int(font.size * 1.3), 6
+    cols = max(1, min(columns, len(labels)))
+    rows = -(-len(labels) // cols)
+    heading = _wrap(title, font, cols * (tile + pad) - pad) if title else []
+    top = len(heading) * line + (pad if heading else 0)
+    cell_w, cell_h = tile + pad, tile + line + 2 * pad
+    sheet = Image.new("RGB", (cols * cell_w + pad, top + rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, text in enumerate(heading):
+        draw.text((pad, pad + k * line), text, fill="black", font=font)
+    m = maps.detach().float()
+    m = torch.nn.functional.interpolate(m[:, None], size=(tile, tile), mode="bilinear",
+                                        align_corners=False)[:, 0]
+    m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    for n, (heat, label) in enumerate(zip(m.cpu().numpy(), labels, strict=True)):
+        r, c = divmod(n, cols)
+        left, upper = pad + c * cell_w, top + pad + r * cell_h
+        mixed = (1 - opacity) * grey + opacity * colourise(heat).astype(np.float32)
+        sheet.paste(Image.fromarray(mixed.round().astype(np.uint8)), (left, upper))
+        text = label if font.getlength(label) <= tile else _wrap(label, font, tile)[0] + "…"
+        draw.text((left + (tile - font.getlength(text)) / 2, upper + tile + 3), text,
+                  fill="black", font=font)
+    return np.array(sheet)  # a writable copy (torch.from_numpy needs one)

@@ -337,3 +337,74 @@ def patcher_state(model: Any) -> Any:
         "objects": describe(model.object_patches),
         "force_cast": model.force_cast_weights,
     }
+
+
+def tiny_clip_vision(folder: Path, seed: int = 0, width: int = 768, layers: int = 2,
+                     patch: int = 16) -> Any:
+    """ComfyUI's own ClipVisionModel with ViT-B/16's token layout (197 × 768 at 224 px) but two
+    layers, seeded random weights (ComfyUI's ops leave weights uninitialised)."""
+    import comfy.clip_vision
+
+    cfg = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu",
+           "hidden_size": width, "image_size": 224, "intermediate_size": 2 * width,
+           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 12,
+           "num_channels": 3, "num_hidden_layers": layers, "patch_size": patch,
+           "projection_dim": 512}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny_clip_vision.json"
+    path.write_text(json.dumps(cfg))
+    model = comfy.clip_vision.ClipVisionModel(str(path))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.get_sd().items():
+        if "norm" in k:
+            sd[k] = torch.ones(v.shape) if k.endswith("weight") else torch.zeros(v.shape)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) * 0.02
+    model.load_sd(sd)
+    return model
+
+
+CLIP_VISION_NAME = "clip_vision_vit_l14.safetensors"  # the styled workflow's default file name
+
+
+def cached_clip_vision_vitl(cache_dir: Path, seed: int = DEFAULT_SEED) -> Path:
+    """A CLIP ViT-L/14 vision file ComfyUI's CLIPVisionLoader detects (24 layers × 1024, 257
+    tokens: detection goes by the real architecture), random fp16 weights, ~600 MB; cached."""
+    path = Path(cache_dir) / f"nti_clip_vision_vitl-{seed}.safetensors"
+    if path.is_file():
+        return path
+    import comfy.clip_vision
+    from safetensors.torch import save_file
+
+    config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
+    shapes = {k: v.shape for k, v in comfy.clip_vision.ClipVisionModel(str(config)).get_sd().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in shapes.items():
+        if "norm" in k:
+            sd[k] = (torch.ones(shape) if k.endswith("weight") else torch.zeros(shape)).half()
+        else:
+            sd[k] = (torch.randn(shape, generator=g) * 0.02).half()
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def install_clip_vision(models_dir: Path, source: Path, name: str = CLIP_VISION_NAME) -> Path:
+    """Put ``source`` into ``<models_dir>/clip_vision/<name>`` (CLIPVisionLoader's folder)."""
+    dest = Path(models_dir) / "clip_vision" / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        try:
+            os.link(source, dest)
+        except OSError:
+            shutil.copyfile(source, dest)
+    return dest
+
+
+# Three UNet levels with attention only at latent/4 (and the middle block): P2P's LocalBlend, the
+# recorded maps and the attention loss read the cross-attention maps at latent/4 (16×16 for
+# SD1.5 at 512²), which the default two-level tiny UNet (maps at latent and latent/2) lacks.
+HTTP_SPEC = TinySpec(channel_mult=(1, 1, 1), level_depth=(0, 0, 1))

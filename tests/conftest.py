@@ -92,10 +92,7 @@ import http_support  # noqa: E402  (standard library only)
 
 EXAMPLE_PHOTO = http_support.REPO_ROOT / "nti_core" / "assets" / "gnochi_mirror.jpeg"
 
-# Three UNet levels with attention only at latent/4 (and the middle block): P2P's LocalBlend
-# reads the cross-attention maps at latent/4 (16×16 for SD1.5 at 512²), which the default
-# two-level tiny UNet (maps at latent and latent/2) does not have.
-HTTP_SPEC = comfy_support.TinySpec(channel_mult=(1, 1, 1), level_depth=(0, 0, 1))
+HTTP_SPEC = comfy_support.HTTP_SPEC
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +104,14 @@ def http_checkpoint(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def quarter_sd15(http_checkpoint: Path) -> tuple[Any, Any, Any]:
+    """(MODEL, CLIP, VAE) of the HTTP tests' checkpoint, in-process: its cross-attention sits at
+    a quarter of the latent side, what LocalBlend, the recorded maps and the attention loss
+    read. Shared: do not mutate."""
+    return comfy_support.load_comfy_checkpoint(http_checkpoint)
+
+
+@pytest.fixture(scope="session")
 def comfy_server(
     comfy_root: Path, http_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ):
@@ -115,6 +120,9 @@ def comfy_server(
     base = http_support.prepare_base(tmp_path_factory.mktemp("comfy_base"),
                                      images=(EXAMPLE_PHOTO,))
     comfy_support.install_checkpoint(base / "models", http_checkpoint)
+    cache = os.environ.get(comfy_support.CACHE_ENV)
+    folder = Path(cache) if cache else tmp_path_factory.mktemp("nti_clip_vision")
+    comfy_support.install_clip_vision(base / "models", comfy_support.cached_clip_vision_vitl(folder))
     server = http_support.ComfyServer.start(comfy_root, base)
     try:
         yield server

@@ -354,3 +354,76 @@ def test_check_interrupt(comfy_root: Path) -> None:
     with pytest.raises(mm.InterruptProcessingException):
         check_interrupt()
     check_interrupt()  # the flag is consumed
+
+
+# ============================================================== the reference pipeline
+
+
+def test_retraces_the_reference_pipelines_inversion(
+    comfy_sd15: Any, tiny_checkpoint: Path, tiny_spec: comfy_support.TinySpec
+) -> None:
+    """diffusers' community NullTextPipeline (from $NTI_DIFFUSERS_PATH) on the same UNet weights
+    and the same conditioning tensors: the ComfyUI host's inversion retraces it to 1e-4."""
+    from core_support import community_null_text_pipeline, tiny_model
+
+    from nti_core import ddim_invert
+
+    model, clip, _ = comfy_sd15
+    steps = 10
+    parts = tiny_model()  # VAE, text encoder, tokenizer: the pipeline wants them, never uses them
+    unet = comfy_support.diffusers_unet(tiny_checkpoint, tiny_spec)
+    pipe = community_null_text_pipeline(unet, parts.vae, parts.text_encoder, parts.tokenizer, steps)
+    with torch.inference_mode():
+        cond = clip.encode_from_tokens(clip.tokenize("a cat sitting next to a mirror"))
+        null = clip.encode_from_tokens(clip.tokenize(""))
+    context = torch.cat([null, cond]).clone()
+    z0 = inputs(1, seed=7)[0] * 0.5
+    with torch.no_grad():
+        theirs = torch.cat(pipe.ddim_inversion_loop(z0, context))
+    den = ComfyDenoiser(model)
+    grid = make_grid(den.alphas_cumprod, steps, "reference")
+    ours = ddim_invert(den, z0, context[1:], grid, "a cat sitting next to a mirror")
+    gap = float((ours.latents - theirs).abs().max())
+    assert gap < 1e-4, gap
+    uniform = ddim_invert(den, z0, context[1:], make_grid(den.alphas_cumprod, steps, "ddim_uniform"),
+                          "a cat sitting next to a mirror")
+    assert float((uniform.latents - theirs).abs().max()) > 100 * max(gap, 1e-6)
+
+
+# ============================================================== StyleDiffusion's pieces
+
+
+def test_maps_and_value_gradients_match_the_diffusers_host(
+    quarter_sd15: Any, http_checkpoint: Path
+) -> None:
+    """The same recorded maps on both hosts (shared weights), values reach only conditional rows
+    in one call or two, and a gradient reaches the value input through the ComfyUI UNet."""
+    from nti_core import ddim_invert
+    from nti_core.attention.controller import MapRecorder
+    from nti_core.hosts.comfy import autograd
+    from nti_core.hosts.diffusers import DiffusersDenoiser
+
+    unet = comfy_support.diffusers_unet(http_checkpoint, comfy_support.HTTP_SPEC)
+    den = ComfyDenoiser(quarter_sd15[0])
+    ref = DiffusersDenoiser(unet, den.alphas_cumprod)
+    z, ctx = inputs(1, seed=5)
+    grid = make_grid(den.alphas_cumprod, 3, "reference")
+    ours = ddim_invert(den, z, ctx, grid, "p", record_maps=True)
+    theirs = ddim_invert(ref, z, ctx, grid, "p", record_maps=True)
+    assert ours.maps is not None and ours.maps.shape == theirs.maps.shape
+    torch.testing.assert_close(ours.maps, theirs.maps, atol=1e-4, rtol=0)
+    z2, ctx2 = inputs(2, seed=6)
+    vctx = torch.randn_like(ctx2)
+    rows = Rows.cfg(1)
+    one = den.eps(z2, 500, ctx2, rows=rows, value_context=vctx)
+    two = ComfyDenoiser(quarter_sd15[0], separate_calls=True).eps(z2, 500, ctx2, rows=rows,
+                                                                 value_context=vctx)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+    with autograd():
+        den_g = ComfyDenoiser(quarter_sd15[0], for_grad=True)
+        value = vctx[1:].clone().requires_grad_(True)
+        rec = MapRecorder((H // 4, W // 4), branch=True, detach=False)
+        eps = den_g.eps(z2[1:].clone(), 500, ctx2[1:].clone(), step=0, controller=rec,
+                        value_context=value)
+        (eps.square().mean() + rec.step_maps(0).square().mean()).backward()
+    assert value.grad is not None and float(value.grad.abs().max()) > 0

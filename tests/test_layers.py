@@ -10,11 +10,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "nti_core"
-HOST_ONLY = {"comfy": {"hosts/comfy.py"},
-             "diffusers": {"hosts/diffusers.py", "hosts/diffusers_models.py",
-                           "hosts/sd1_single_file.py"}}
-LAZY_OK = {"transformers": {"tokenizer.py", "hosts/sd1_single_file.py"},
-           "PIL": {"images.py"}, "safetensors": {"files.py", "hosts/sd1_single_file.py"},
+DIFFUSERS_HOST = {"hosts/diffusers.py", "hosts/diffusers_models.py", "hosts/sd1_single_file.py",
+                  "hosts/diffusers_demo.py", "hosts/diffusers_demo_train.py"}
+HOST_ONLY = {"comfy": {"hosts/comfy.py"}, "diffusers": DIFFUSERS_HOST}
+LAZY_OK = {"transformers": {"tokenizer.py"} | DIFFUSERS_HOST,
+           "PIL": {"images.py", "hosts/diffusers_demo.py"},
+           "safetensors": {"files.py"} | DIFFUSERS_HOST, "skimage": {"hosts/diffusers_demo.py"},
            "tqdm": {"cli.py"}}
 
 

@@ -295,9 +295,36 @@ def test_cli_edit_runs_on_a_single_file_checkpoint(tiny_ckpt: Path, tmp_path: Pa
             "--blend", "cat", "--blend", "tiger", "--steps", "3", "--size", "64", "--out", str(out)]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [Path(p).name for p in report["paths"]] == ["reconstruction.png", "edit_1.png",
-                                                         "edit_2.png"]
+    assert [Path(p).name for p in report["paths"]] == [
+        "reconstruction.png", "edit_1.png", "edit_2.png", "attention_source.png",
+        "attention_edit_1.png", "blend_mask_1.png", "attention_edit_2.png", "blend_mask_2.png"]
     assert "null-text" in report["uncond"] and report["timings"]["ddim_inversion"] > 0
     from PIL import Image
 
     assert Image.open(out / "edit_2.png").size == (64, 64)
+
+
+def test_cli_styled_edit(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """--method styled: StyleDiffusion with a transformers CLIP vision folder, P2Plus, τ_v."""
+    import json
+
+    from core_support import CAT
+
+    from nti_core.cli import main
+    from nti_core.hosts.diffusers_vision import tiny_clip_vision
+
+    encoder = tmp_path / "clip_vision"
+    tiny_clip_vision(seed=0).save_pretrained(encoder)
+    out = tmp_path / "styled"
+    base = ["edit", "--model", str(tiny_ckpt), "--image", str(CAT),
+            "--source", "a cat sitting next to a mirror",
+            "--target", "a dog sitting next to a mirror", "--steps", "3", "--size", "64",
+            "--out", str(out), "--method", "styled"]
+    assert main(base) == 2  # no encoder: refused before the model loads
+    argv = base + ["--image-encoder", str(encoder), "--style-inner-steps", "2",
+                   "--uncond-self", "0.5", "--value-end", "0.4"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "StyleDiffusion (official mapping network" in report["values"]
+    assert "197×768" in report["values"]
+    assert report["timings"]["styled"] > 0

@@ -31,23 +31,30 @@ from workflow_api import (
 )
 
 WORKFLOWS = http_support.REPO_ROOT / "workflows"
-SHIPPED = ("nti_p2p_real_image_edit", "nti_p2p_reweight_localblend")
+NULL_TEXT_WORKFLOWS = ("nti_p2p_real_image_edit", "nti_p2p_reweight_localblend")
+STYLED = "nti_styled_p2plus_attention_maps"
+SHIPPED = (*NULL_TEXT_WORKFLOWS, STYLED)
 TINY = "nti_tiny_sd15.safetensors"
 SIDE, STEPS, INNER = 64, 4, 2
 
 # The node contract: inputs in widget/socket definition order, output types.
 NTI_NODES = {
-    "NTIDDIMInvert": (["model", "clip", "latent", "source_prompt", "steps", "grid"],
+    "NTIDDIMInvert": (["model", "clip", "latent", "source_prompt", "steps", "grid", "record_maps"],
                       ["NTI_TRAJECTORY", "LATENT"]),
     "NTINullTextOptimize": (["model", "clip", "trajectory", "guidance", "inner_steps",
-                             "early_stop", "method"], ["NTI_UNCOND", "STRING"]),
+                             "early_stop", "method", "attention_loss"], ["NTI_UNCOND", "STRING"]),
     "NTIAttentionEditPlan": (["clip", "source_prompt", "target_prompts", "edit_kind",
                               "cross_start", "cross_end", "cross_words", "self_start", "self_end",
                               "reweight", "blend_words", "subtract_words", "blend_threshold",
-                              "blend_start"], ["NTI_EDIT_PLAN"]),
-    "NTIP2PSample": (["model", "trajectory", "uncond", "plan", "guidance"], ["LATENT"]),
+                              "blend_start", "self_limit", "uncond_self_end"], ["NTI_EDIT_PLAN"]),
+    "NTIP2PSample": (["model", "trajectory", "uncond", "plan", "guidance"],
+                     ["LATENT", "NTI_ATTENTION"]),
     "NTISaveInversion": (["trajectory", "uncond", "filename_prefix"], []),
-    "NTILoadInversion": (["model", "inversion"], ["NTI_TRAJECTORY", "NTI_UNCOND"]),
+    "NTILoadInversion": (["model", "inversion"], ["NTI_TRAJECTORY", "NTI_UNCOND", "NTI_VALUES"]),
+    "NTIStyleInvert": (["model", "clip", "clip_vision", "image", "trajectory", "guidance",
+                        "inner_steps", "attention_loss", "variant"],
+                       ["NTI_VALUES", "NTI_UNCOND", "STRING"]),
+    "NTIAttentionMaps": (["image", "row", "sizes", "step_start", "step_end"], ["IMAGE", "MASK"]),
 }
 
 
@@ -69,8 +76,12 @@ def small(api: dict[str, Any], prefix: str) -> dict[str, Any]:
     set_input(api, "ImageScale", "width", SIDE)
     set_input(api, "ImageScale", "height", SIDE)
     set_input(api, "NTIDDIMInvert", "steps", STEPS)
-    set_input(api, "NTINullTextOptimize", "inner_steps", INNER)
-    set_input(api, "SaveImage", "filename_prefix", prefix)
+    if find_nodes(api, "NTINullTextOptimize"):
+        set_input(api, "NTINullTextOptimize", "inner_steps", INNER)
+    if find_nodes(api, "NTIStyleInvert"):
+        set_input(api, "NTIStyleInvert", "inner_steps", INNER)
+    for save in find_nodes(api, "SaveImage"):
+        api[save]["inputs"]["filename_prefix"] = f"{prefix}_{save}"
     return api
 
 
@@ -168,7 +179,7 @@ def test_core_workflow_runs(comfy_server, object_info) -> None:
     assert image.shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", NULL_TEXT_WORKFLOWS)
 def test_shipped_workflow_runs(comfy_server, object_info, name: str) -> None:
     api = small(ui_to_api(load_ui(name), object_info), f"test/{name}")
     (plan,) = find_nodes(api, "NTIAttentionEditPlan")
@@ -191,6 +202,29 @@ def test_shipped_workflow_runs(comfy_server, object_info, name: str) -> None:
     print(f"{name}: {elapsed:.1f} s, |edit - recon| = {np.abs(edit - recon).mean():.4f}")
 
 
+def test_styled_workflow_runs(comfy_server, object_info) -> None:
+    """Photo → DDIM Invert (maps) → StyleDiffusion Invert (CLIP ViT-L/14 from CLIPVisionLoader)
+    → P2Plus plan → P2P Sample with values → decoded reconstruction and edit, and the attention
+    maps grid, each saved."""
+    api = small(ui_to_api(load_ui(STYLED), object_info), "test/styled")
+    (style,) = find_nodes(api, "NTIStyleInvert")
+    (maps,) = find_nodes(api, "NTIAttentionMaps")
+    (plan,) = find_nodes(api, "NTIAttentionEditPlan")
+    assert api[plan]["inputs"]["uncond_self_end"] == 0.5  # P2Plus
+    saves = find_nodes(api, "SaveImage")
+    entry = comfy_server.run(api, timeout=900)
+    by_source = {api[s]["inputs"]["images"][0]: s for s in saves}
+    images = saved_images(comfy_server, entry, by_source[find_nodes(api, "VAEDecode")[0]])
+    assert len(images) == 2 and all(i.shape == (SIDE, SIDE, 3) for i in images)
+    assert np.abs(images[1] - images[0]).mean() > 1e-3
+    (grid,) = saved_images(comfy_server, entry, by_source[maps])
+    words = len(api[plan]["inputs"]["target_prompts"].split())
+    assert grid.shape[1] > 4 * 192 and grid.std() > 1e-2  # labelled tiles, one per word
+    assert words == 7
+    report = entry["outputs"][style]["text"][0]
+    assert "StyleDiffusion (official" in report and "257×1024" in report, report
+
+
 def reconstruction(server: http_support.ComfyServer, object_info: dict, name: str) -> np.ndarray:
     """Run a shipped workflow (small) and return the batch's first image."""
     api = small(ui_to_api(load_ui(name), object_info), f"test/recon_{name}")
@@ -201,7 +235,8 @@ def reconstruction(server: http_support.ComfyServer, object_info: dict, name: st
 def test_edit_plans_leave_the_reconstruction_alone(comfy_server, object_info) -> None:
     """Row 0 of P2P Sample is the source prompt's: the two shipped plans (replace vs replace +
     reweight + local blend) give the same reconstruction from the same inversion."""
-    first, second = (reconstruction(comfy_server, object_info, name) for name in SHIPPED)
+    first, second = (reconstruction(comfy_server, object_info, name)
+                     for name in NULL_TEXT_WORKFLOWS)
     assert np.abs(first - second).max() <= 1 / 255
 
 
