@@ -122,6 +122,14 @@ def normal_copy(traj: Trajectory) -> Trajectory:
         fingerprint=traj.fingerprint.clone(), maps=None if traj.maps is None else traj.maps.clone())
 
 
+def require_maps(traj: Trajectory, attention_loss: float) -> None:
+    """An attention loss needs the maps DDIM Invert keeps with record_maps (checked before work)."""
+    if attention_loss > 0 and traj.maps is None:
+        raise ValueError("attention_loss needs the attention maps of the inversion: turn on "
+                         "record_maps in DDIM Invert (NTI), or set attention_loss to 0 (a file "
+                         "saved before format 3 has none: invert again)")
+
+
 def uncond_to(uncond: UncondEmbeddings, device: torch.device | str) -> UncondEmbeddings:
     """The ∅ embeddings on ``device`` (a new object)."""
     return dataclasses.replace(uncond, embeddings=uncond.embeddings.to(device))

@@ -23,6 +23,7 @@ from .common import (
     make_denoiser,
     normal_copy,
     progress_bar,
+    require_maps,
     trajectory_to,
     uncond_to,
 )
@@ -83,10 +84,7 @@ class NTINullTextOptimize(io.ComfyNode):
         if attention_loss > 0 and method != "null-text":
             raise ValueError(f"attention_loss applies to method 'null-text', not {method!r}: set "
                              "it to 0 or switch the method")
-        if attention_loss > 0 and trajectory.maps is None:
-            raise ValueError("attention_loss needs the attention maps of the inversion: turn on "
-                             "record_maps in DDIM Invert (NTI) (a file saved before format 3 "
-                             "has none: invert again)")
+        require_maps(trajectory, attention_loss)
         den = make_denoiser(model, for_grad=method == "null-text")
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
         if method == "null-text":

@@ -91,11 +91,7 @@ class NTIP2PSample(io.ComfyNode):
     def execute(cls, model, trajectory: Trajectory, uncond: UncondEmbeddings,
                 plan: types.EditPlan, guidance: float, values: ValueEmbeddings | None = None,
                 value_end: float = 0.5) -> io.NodeOutput:
-        check_inputs(trajectory, uncond, plan)
-        if values is not None:
-            values.check_for(trajectory)
-        if not 0.0 <= value_end <= 1.0:
-            raise ValueError(f"value_end must be a fraction in [0, 1], got {value_end}")
+        check_inputs(trajectory, uncond, plan)  # values and τ_v: p2p_sample checks them first
         controller = plan.spec.build(sd1_tokenizer(), trajectory.num_steps,  # the real N now
                                      keep_step_maps=True)
         if abs(guidance - uncond.guidance) > 1e-6:

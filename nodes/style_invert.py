@@ -22,6 +22,7 @@ from .common import (
     make_denoiser,
     normal_copy,
     progress_bar,
+    require_maps,
     trajectory_to,
 )
 
@@ -99,9 +100,7 @@ class NTIStyleInvert(io.ComfyNode):
                 inner_steps: int, attention_loss: float, variant: str) -> io.NodeOutput:
         options = StyleOptions(guidance=guidance, inner_steps=inner_steps,
                                attention_weight=attention_loss, variant=variant)  # type: ignore[arg-type]
-        if attention_loss > 0 and trajectory.maps is None:
-            raise ValueError("attention_loss needs the attention maps of the inversion: turn on "
-                             "record_maps in DDIM Invert (NTI), or set attention_loss to 0")
+        require_maps(trajectory, attention_loss)
         den = make_denoiser(model, for_grad=True)
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
         tokens, encoder = vision_tokens(clip_vision, image)

@@ -217,7 +217,8 @@ def _attention_pngs(controller, spec: P2PSpec, tokenizer, num_steps: int, images
     prompts = (spec.source, *spec.targets)
     am = AttentionMaps.from_store(controller.store, prompts, num_steps, hw,
                                   None if blend is None else blend.last_mask)
-    sizes = size_of("1/4", hw) if size_of("1/4", hw)[0] in am.sizes else None
+    quarter = size_of("1/4", hw)
+    sizes = quarter if quarter[0] in am.sizes else None
     written = []
     for row, prompt in enumerate(prompts):
         name = "attention_source" if row == 0 else f"attention_edit_{row}"

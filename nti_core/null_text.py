@@ -66,6 +66,63 @@ def check_trajectory_model(traj: Trajectory, denoiser: Denoiser) -> None:
         )
 
 
+def attention_recorder(traj: Trajectory, branch: bool) -> MapRecorder:
+    """The recorder the attention loss reads (maps of ``branch`` at a quarter of the latent side,
+    graph kept); refuses an inversion without maps, before any work."""
+    traj.loss_maps(0)
+    return MapRecorder(blend_map_size(tuple(traj.latents.shape[-2:])), branch=branch, detach=False)
+
+
+@dataclass
+class StepFit:
+    """One step's optimisation: first and last loss, iterations, last attention loss."""
+
+    first: float
+    final: float
+    iterations: int
+    attention: float | None
+
+
+def fit_step(
+    guided_eps: Callable[[], Tensor],
+    params: list[Tensor],
+    *,
+    traj: Trajectory,
+    i: int,
+    z: Tensor,
+    lr: float,
+    budget: int,
+    threshold: float,
+    recorder: MapRecorder | None = None,
+    attention_weight: float = 0.0,
+    check: Callable[[], None] = lambda: None,
+) -> StepFit:
+    """The reference's inner loop at step i, shared by null-text and StyleDiffusion: fresh Adam
+    on ``params``; at most ``budget`` times loss = MSE(DDIM(z̄, guided_eps()), z*_{N−1−i})
+    (+ λ·attention loss on what ``recorder`` saw), one Adam step; stop once loss < threshold."""
+    n = traj.num_steps
+    target = traj.latents[n - 1 - i : n - i].float()
+    opt = torch.optim.Adam(params, lr=lr)
+    first, a_loss = 0.0, None
+    for k in range(budget):
+        check()
+        if recorder is not None:
+            recorder.maps.clear()
+        loss = F.mse_loss(sample_step(traj.grid, i, z, guided_eps()), target)
+        if recorder is not None:
+            a_loss = attention_loss(recorder.step_maps(i), traj.loss_maps(i))
+            loss = loss + attention_weight * a_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        if k == 0:
+            first = value
+        if value < threshold:
+            break
+    return StepFit(first, value, k + 1, None if a_loss is None else a_loss.item())
+
+
 def null_text_optimize(
     denoiser: Denoiser,
     traj: Trajectory,
@@ -94,11 +151,7 @@ def null_text_optimize(
         )
     o = options
     grid, n, cond = traj.grid, traj.num_steps, traj.embedding
-    recorder = None
-    if o.attention_weight > 0:
-        traj.loss_maps(0)  # refuses an inversion without maps before any work
-        recorder = MapRecorder(blend_map_size(tuple(traj.latents.shape[-2:])), branch=False,
-                               detach=False)
+    recorder = attention_recorder(traj, branch=False) if o.attention_weight > 0 else None
     map_err: list[float] = []
     z = traj.latents[n : n + 1].float()
     uncond = null_embedding.detach().float().clone()
@@ -109,36 +162,26 @@ def null_text_optimize(
     start = time.perf_counter()
     for i in range(n):
         t = grid.timesteps[i]
-        target = traj.latents[n - 1 - i : n - i].float()
         with torch.no_grad():
             eps_c = denoiser.eps(z, t, cond, step=i)
         uncond = uncond.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([uncond], lr=o.lr * (1.0 - i / o.lr_decay_steps))
-        threshold = o.early_stop + i * o.early_stop_slope
-        for k in range(o.inner_steps):
-            check()
-            if recorder is None:
+
+        def guided(z=z, t=t, i=i, eps_c=eps_c, uncond=uncond) -> Tensor:
+            if recorder is None:  # λ = 0: exactly the reference's call
                 eps_u = denoiser.eps(z, t, uncond, step=i)
             else:
-                recorder.maps.clear()
                 eps_u = denoiser.eps(z, t, uncond, rows=UNCOND_ROW, step=i, controller=recorder)
-            z_rec = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
-            loss = F.mse_loss(z_rec, target)
-            if recorder is not None:
-                a_loss = attention_loss(recorder.step_maps(i), traj.loss_maps(i))
-                loss = loss + o.attention_weight * a_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = loss.item()
-            if k == 0:
-                first.append(value)
-            if value < threshold:
-                break
-        final.append(value)
-        iters.append(k + 1)
-        if recorder is not None:
-            map_err.append(a_loss.item())
+            return eps_u + o.guidance * (eps_c - eps_u)
+
+        fit = fit_step(guided, [uncond], traj=traj, i=i, z=z,
+                       lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.inner_steps,
+                       threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
+                       attention_weight=o.attention_weight, check=check)
+        first.append(fit.first)
+        final.append(fit.final)
+        iters.append(fit.iterations)
+        if fit.attention is not None:
+            map_err.append(fit.attention)
         uncond = uncond.detach()
         out.append(uncond)
         with torch.no_grad():  # one batched CFG call, as the reference (parity to 1e-5)

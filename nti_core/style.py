@@ -16,7 +16,8 @@ K_i = ⌈K·e^{−0.1·i}⌉ Adam iterations (lr 1e-2·(1 − i/100), default be
 from M_{i−1}; loss = MSE(DDIM(z̄, ε_∅ + w(ε_c̃ − ε_∅)), z*_{N−1−i}) + λ·Σ_layers MSE(A_c̃, A*),
 A = the conditional pass's per-head cross-attention at a quarter of the latent side, A* the
 maps recorded at inversion (``Trajectory.loss_maps``); early stop below 1e-5 + i·2e-5; then
-z̄ ← DDIM with c̃_i. The paper's alternatives (Adam β = (0, 0.999), N(0, 0.01) weights) are not
+z̄ ← DDIM with c̃_i, from ε_c̃ and the step's ε_∅ (the code runs the two branches as separate calls
+and recomputes ε_∅ at the same z̄, t and "": the same value, computed once here). The paper's alternatives (Adam β = (0, 0.999), N(0, 0.01) weights) are not
 what its code runs, so they are not used.
 
 Other encoders than CLIP ViT-B/16 (197 tokens × 768): the first Conv1d takes their token count;
@@ -32,13 +33,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention.controller import MapRecorder
-from .attention.edits import blend_map_size
-from .hosts.base import Denoiser, Rows
-from .null_text import UNCOND_ROW, attention_loss, check_trajectory_model
+from .hosts.base import Denoiser
+from .null_text import UNCOND_ROW, attention_recorder, check_trajectory_model, fit_step
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, ValueEmbeddings, pivot_fingerprint
@@ -134,11 +132,7 @@ def style_invert(
     check_context(null_embedding, "null embedding")
     check_trajectory_model(traj, denoiser)
     o = options
-    recorder = None
-    if o.attention_weight > 0:
-        traj.loss_maps(0)  # refuses an inversion without maps before any work
-        recorder = MapRecorder(blend_map_size(tuple(traj.latents.shape[-2:])), branch=True,
-                               detach=False)
+    recorder = attention_recorder(traj, branch=True) if o.attention_weight > 0 else None
     grid, n, cond = traj.grid, traj.num_steps, traj.embedding.float()
     length, dim = int(cond.shape[1]), int(cond.shape[2])
     tokens = image_tokens.detach().float().to(cond.device)
@@ -162,45 +156,30 @@ def style_invert(
 
     for i in range(n):
         t = grid.timesteps[i]
-        target = traj.latents[n - 1 - i : n - i].float()
         with torch.no_grad():
             eps_u = denoiser.eps(z, t, null, rows=UNCOND_ROW, step=i)
-        opt = torch.optim.Adam(net.parameters(), lr=o.lr * (1.0 - i / o.lr_decay_steps))
-        threshold = o.early_stop + i * o.early_stop_slope
-        budget = o.iterations(i)
-        for k in range(budget):
-            check()
-            value = value_of(net(tokens))
-            if recorder is not None:
-                recorder.maps.clear()
-            eps_c = denoiser.eps(z, t, cond, step=i, controller=recorder, value_context=value)
-            z_rec = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
-            loss = F.mse_loss(z_rec, target)
-            if recorder is not None:
-                a_loss = attention_loss(recorder.step_maps(i), traj.loss_maps(i))
-                loss = loss + o.attention_weight * a_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            v = loss.item()
-            if k == 0:
-                first.append(v)
-            if v < threshold:
-                break
-        final.append(v)
-        iters.append(k + 1)
-        if recorder is not None:
-            map_err.append(a_loss.item())
-        with torch.no_grad():
+
+        def guided(z=z, t=t, i=i, eps_u=eps_u) -> Tensor:
+            eps_c = denoiser.eps(z, t, cond, step=i, controller=recorder,
+                                 value_context=value_of(net(tokens)))
+            return eps_u + o.guidance * (eps_c - eps_u)
+
+        fit = fit_step(guided, list(net.parameters()), traj=traj, i=i, z=z,
+                       lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.iterations(i),
+                       threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
+                       attention_weight=o.attention_weight, check=check)
+        first.append(fit.first)
+        final.append(fit.final)
+        iters.append(fit.iterations)
+        if fit.attention is not None:
+            map_err.append(fit.attention)
+        with torch.no_grad():  # ε_∅ of this step is the one above (same z̄, t, ""): reused
             scale, shift = net.split(net(tokens))
             scales.append(scale.detach() if scale is not None else shift.new_zeros(0))
             shifts.append(shift.detach())
             value = shift if scale is None else scale * cond + shift
-            eps_u2, eps_c = denoiser.eps(
-                torch.cat([z, z]), t, torch.cat([null, cond]), rows=Rows.cfg(1), step=i,
-                value_context=torch.cat([null, value]),
-            ).chunk(2)
-            z = sample_step(grid, i, z, eps_u2 + o.guidance * (eps_c - eps_u2))
+            eps_c = denoiser.eps(z, t, cond, step=i, value_context=value)
+            z = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
         progress(1)
     return ValueEmbeddings(
         shift=torch.cat(shifts),

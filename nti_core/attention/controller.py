@@ -198,9 +198,10 @@ class MapRecorder:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, heads: int, site: Site,
                hw: tuple[int, int], step: int, rows: Rows) -> Tensor:
-        branch = rows.branch.to(q.device) == self.branch
-        mine = (branch & (rows.slot.to(q.device) == 0)).nonzero()
-        if not site.cross or site.block == "middle" or tuple(hw) != self.hw or mine.numel() == 0:
+        if not site.cross or site.block == "middle" or tuple(hw) != self.hw:
+            return sdpa(q, k, v, heads)  # every other layer: no row lookup, fused kernel
+        mine = ((rows.branch == self.branch) & (rows.slot == 0)).nonzero()
+        if mine.numel() == 0:
             return sdpa(q, k, v, heads)
         if mine.numel() != 1:
             raise RuntimeError(f"one row of slot 0 per branch expected, got rows {rows}")
