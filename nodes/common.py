@@ -154,3 +154,17 @@ def latent_in(model: Any, latent: dict, device: torch.device) -> Tensor:
 def latent_out(model: Any, z: Tensor) -> dict:
     """z [B, 4, h, w] in the model's scale → LATENT with raw VAE latents."""
     return {"samples": model.model.process_latent_out(z).to(intermediate())}
+
+
+def output_used(prompt: Any, node_id: Any, index: int) -> bool:
+    """Whether output ``index`` of node ``node_id`` feeds any input in the API ``prompt``
+    (ComfyUI's hidden PROMPT); True when that cannot be told (no prompt, node not in it)."""
+    if not isinstance(prompt, dict) or str(node_id) not in {str(k) for k in prompt}:
+        return True
+    for node in prompt.values():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        for value in inputs.values():
+            if (isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id)
+                    and value[1] == index):
+                return True
+    return False

@@ -18,6 +18,7 @@ from .common import (
     CATEGORY,
     latent_out,
     make_denoiser,
+    output_used,
     progress_bar,
     sd1_tokenizer,
     trajectory_to,
@@ -83,8 +84,10 @@ class NTIP2PSample(io.ComfyNode):
                                  "one edit per target prompt (VAE Decode to see them)."),
                 types.Attention.Output("attention", display_name="attention",
                                        tooltip="The run's cross-attention maps per step and "
-                                       "the LocalBlend mask, for Attention Maps (NTI)."),
+                                       "the LocalBlend mask, for Attention Maps (NTI); "
+                                       "kept only when this output is connected."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # is the attention output wired?
         )
 
     @classmethod
@@ -92,9 +95,11 @@ class NTIP2PSample(io.ComfyNode):
                 plan: types.EditPlan, guidance: float, values: ValueEmbeddings | None = None,
                 value_end: float = 0.5) -> io.NodeOutput:
         check_inputs(trajectory, uncond, plan)  # values and τ_v: p2p_sample checks them first
+        maps_wanted = output_used(cls.hidden.prompt, cls.hidden.unique_id, 1)
         controller = plan.spec.build(sd1_tokenizer(), trajectory.num_steps,  # the real N now
-                                     keep_step_maps=True)
-        if abs(guidance - uncond.guidance) > 1e-6:
+                                     keep_step_maps=maps_wanted,  # else only what edits read
+                                     latent_hw=tuple(trajectory.latents.shape[-2:]))
+        if abs(guidance - uncond.guidance) > 1e-6 and uncond.method != "direct":
             log.warning("[NTI] sampling at guidance %g with ∅ made for %g (%s): the "
                         "reconstruction will not match the photo exactly", guidance,
                         uncond.guidance, uncond.method)
@@ -109,7 +114,9 @@ class NTIP2PSample(io.ComfyNode):
         log.info("[NTI] P2P sampling: %d steps, %d prompts, %.1f s", traj.num_steps,
                  contexts.shape[0], time.perf_counter() - start)
         blend = controller.local_blend
-        maps = AttentionMaps.from_store(
-            controller.store, (plan.source, *plan.spec.targets), traj.num_steps,
-            (int(z.shape[-2]), int(z.shape[-1])), None if blend is None else blend.last_mask)
+        maps = None
+        if maps_wanted:
+            maps = AttentionMaps.from_store(
+                controller.store, (plan.source, *plan.spec.targets), traj.num_steps,
+                (int(z.shape[-2]), int(z.shape[-1])), None if blend is None else blend.last_mask)
         return io.NodeOutput(latent_out(model, z), maps)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .attention.plan import EDIT_MODES, SELF_LIMITS, P2PSpec
+from .editing import METHODS, OPTIMISED
 from .null_text import NullTextOptions
 from .progress import Progress
 from .schedule import GRID_KINDS
@@ -110,8 +111,12 @@ def _check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {v}")
     if getattr(a, "attention_loss", 0.0) < 0:
         raise ValueError(f"--attention-loss must be ≥ 0, got {a.attention_loss}")
-    if getattr(a, "attention_loss", 0.0) > 0 and a.method != "null-text":
-        raise ValueError(f"--attention-loss applies to --method null-text, not {a.method}")
+    if getattr(a, "attention_loss", 0.0) > 0 and a.method not in ("null-text", "null-text-fast"):
+        raise ValueError(f"--attention-loss applies to --method null-text or null-text-fast, not "
+                         f"{a.method}")
+    if getattr(a, "direct", False) and a.method != "styled":
+        raise ValueError(f"--direct applies to --method styled (use --method direct alone), not "
+                         f"{a.method}")
     if a.size % 8 or a.size < 64:
         raise ValueError(f"--size must be a multiple of 8 and at least 64, got {a.size}")
 
@@ -155,7 +160,7 @@ def cmd_edit(a: argparse.Namespace) -> dict:
         raise ValueError(f"no image encoder at {a.image_encoder}: expected a transformers CLIP "
                          "vision folder (config.json + model.safetensors)")
     dtype = a.dtype
-    if a.method in ("null-text", "styled") and dtype != "fp32":
+    if a.method in OPTIMISED and dtype != "fp32":
         log.info("null-text optimisation fails in %s (REFERENCE §3): the UNet runs in fp32", dtype)
         dtype = "fp32"
     phases = Phases(3)
@@ -163,8 +168,10 @@ def cmd_edit(a: argparse.Namespace) -> dict:
         from .hosts.diffusers_models import load_sd1
 
         model = load_sd1(a.model, a.device, dtype)
-        controller = build_controller(model, spec, _grid_steps(a, model), keep_step_maps=True)
         z0 = model.encode_image(image)
+        controller = build_controller(model, spec, _grid_steps(a, model),
+                                      keep_step_maps=not a.no_attention_maps,
+                                      latent_hw=tuple(z0.shape[-2:]))
     tokens, encoder = None, "image encoder"
     if a.method == "styled":
         from .hosts.diffusers_vision import describe, image_tokens, load_clip_vision
@@ -174,11 +181,11 @@ def cmd_edit(a: argparse.Namespace) -> dict:
         del vision
     style = StyleOptions(guidance=a.guidance, inner_steps=a.style_inner_steps,
                          attention_weight=a.style_attention_loss, variant=a.style_variant)
-    units = a.steps * (2 if a.method in ("null-text", "styled") else 1)
+    units = a.steps * (2 if a.method in OPTIMISED else 1)
     with phases(f"DDIM inversion + {a.method}", units) as tick:
         inv = invert(model, z0, a.source, steps=a.steps, grid=a.grid, method=a.method,
                      options=options, style=style, image_tokens=tokens, encoder=encoder,
-                     progress=tick)
+                     direct=a.direct, progress=tick)
     with phases(f"P2P sampling of {len(a.target)} edit(s)", inv.trajectory.num_steps) as tick:
         latents = edit(model, inv, spec, controller=controller, value_end=a.value_end,
                        progress=tick)
@@ -186,8 +193,9 @@ def cmd_edit(a: argparse.Namespace) -> dict:
     images = model.decode(latents)
     paths = [str(save_png(images[:1], out / "reconstruction.png"))]
     paths += [str(save_png(images[k : k + 1], out / f"edit_{k}.png")) for k in range(1, len(images))]
-    paths += _attention_pngs(controller, spec, from_hf(model.tokenizer),
-                             inv.trajectory.num_steps, images, latents, out)
+    if not a.no_attention_maps:
+        paths += _attention_pngs(controller, spec, from_hf(model.tokenizer),
+                                 inv.trajectory.num_steps, images, latents, out)
     tiles = [(image, "input"), (images[:1], f"reconstruction ({a.method})")]
     tiles += [(images[k : k + 1], f"edit {k}: {t}") for k, t in enumerate(a.target, start=1)]
     sheet = contact_sheet(tiles, out / "contact_sheet.png", columns=min(len(tiles), 4),
@@ -251,7 +259,12 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     from .editing import build_controller
     from .images import contact_sheet, load_image, psnr, save_png
     from .inversion import ddim_invert
-    from .null_text import negative_prompt_inversion, null_text_optimize, plain_null
+    from .null_text import (
+        direct_inversion,
+        negative_prompt_inversion,
+        null_text_optimize,
+        plain_null,
+    )
     from .sampling import p2p_sample
     from .schedule import make_grid
     from .tokenizer import from_hf
@@ -279,14 +292,19 @@ def cmd_demo(a: argparse.Namespace) -> dict:
         traj = ddim_invert(model.denoiser, z0, cond, make_grid(model.alphas_cumprod, a.steps),
                            DEMO_SOURCE, progress=tick)
         timings["ddim_inversion"] = time.perf_counter() - t
-    with phases("null-text optimisation", a.steps) as tick:
+    with phases("null-text optimisation (the paper's, then the fast mode)", 2 * a.steps) as tick:
         t = time.perf_counter()
         nti = null_text_optimize(model.denoiser, traj, null, progress=tick)
         timings["null_text"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fast = null_text_optimize(model.denoiser, traj, null, NullTextOptions(fast=True),
+                                  progress=tick)
+        timings["null_text_fast"] = time.perf_counter() - t
     recon, rec_images = {}, {}
     methods = (("ddim", plain_null(traj, null)), ("negative-prompt", negative_prompt_inversion(traj)),
-               ("null-text", nti))
-    with phases("reconstructions at guidance 7.5 (DDIM, NPI, NTI)", 3 * a.steps) as tick:
+               ("null-text", nti), ("null-text-fast", fast), ("direct", direct_inversion(traj, null)))
+    with phases("reconstructions at guidance 7.5 (DDIM, NPI, NTI, fast NTI, Direct)",
+                len(methods) * a.steps) as tick:
         for name, u in methods:
             t = time.perf_counter()
             rec = p2p_sample(model.denoiser, traj, u, traj.embedding, progress=tick)
@@ -332,9 +350,11 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     tiles = [(x, f"input ({a.size}x{a.size} px)\n'{DEMO_SOURCE}'"), (vae_x, f"VAE round trip\n{vae_psnr:.1f} dB"),
              (rec_images["ddim"], label("ddim", "DDIM inversion, w 7.5")),
              (rec_images["negative-prompt"], label("negative-prompt", "negative-prompt inv.")),
-             (rec_images["null-text"], label("null-text", "null-text inversion")), *edit_tiles]
+             (rec_images["null-text"], label("null-text", "null-text inversion")),
+             (rec_images["null-text-fast"], label("null-text-fast", "fast null-text")),
+             (rec_images["direct"], label("direct", "Direct Inversion")), *edit_tiles]
     sheet = contact_sheet(
-        tiles, out / "contact_sheet.png", columns=5,
+        tiles, out / "contact_sheet.png", columns=7,
         title=f"nti_core demo: {model.name}, {a.steps} steps, guidance 7.5 "
               f"(reconstructions from the inverted noise; edits from the null-text inversion)")
     report = {
@@ -347,6 +367,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
         "ddim_over_null_text": ddim / nti_err, "negative_prompt_over_null_text": npi / nti_err,
         "null_text": {"iterations": nti.iterations, "final_loss": nti.final_loss,
                       "first_loss": nti.first_loss},
+        "null_text_fast": {"iterations": fast.iterations, "final_loss": fast.final_loss,
+                           "first_loss": fast.first_loss},
         "edits": edits, "contact_sheet": str(sheet), "attention_maps": maps_png,
         "timings_s": {"load_model": t_build, **timings, "total": time.perf_counter() - t0},
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -354,8 +376,11 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"latent MSE at guidance 7.5: DDIM {ddim:.3g} · negative-prompt {npi:.3g} · null-text "
-          f"{nti_err:.3g}; PSNR {recon['ddim']['psnr_db']:.1f} / "
-          f"{recon['negative-prompt']['psnr_db']:.1f} / {recon['null-text']['psnr_db']:.1f} dB "
+          f"{nti_err:.3g} · fast null-text {recon['null-text-fast']['latent_mse']:.3g} "
+          f"({timings['null_text'] / timings['null_text_fast']:.1f}× faster) · Direct "
+          f"{recon['direct']['latent_mse']:.3g}; PSNR {recon['ddim']['psnr_db']:.1f} / "
+          f"{recon['negative-prompt']['psnr_db']:.1f} / {recon['null-text']['psnr_db']:.1f} / "
+          f"{recon['null-text-fast']['psnr_db']:.1f} / {recon['direct']['psnr_db']:.1f} dB "
           f"(VAE alone {vae_psnr:.1f} dB)")
     print(f"contact sheet: {sheet.resolve()}")
     return report
@@ -400,10 +425,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=EDIT_MODES, default="auto",
                    help="replace: swap words (same count); refine: add words; reweight: target = "
                         "source; auto: picks one")
-    e.add_argument("--method", choices=("null-text", "negative-prompt", "styled", "none"),
-                   default="null-text",
-                   help="null-text / negative-prompt: how ∅ is made; styled: StyleDiffusion's "
+    e.add_argument("--method", choices=METHODS, default="null-text-fast",
+                   help="null-text: the paper's optimisation of ∅; null-text-fast: the same "
+                        "from the source prompt, without repeated passes (measured 6× faster at "
+                        "lower error, README: Performance); "
+                        "direct: Direct Inversion (no optimisation, the source row kept on the "
+                        "pivot); negative-prompt: ∅ = the source prompt; styled: StyleDiffusion's "
                         "value embeddings (needs --image-encoder); none: plain DDIM inversion")
+    e.add_argument("--direct", action="store_true",
+                   help="with --method styled: also keep the source row on the pivot (Direct "
+                        "Inversion)")
+    e.add_argument("--no-attention-maps", action="store_true",
+                   help="skip the attention-map PNGs (sampling then keeps only the maps "
+                        "LocalBlend reads)")
     e.add_argument("--image-encoder", default=None,
                    help="StyleDiffusion's E: a transformers CLIP vision folder (the paper: "
                         "openai/clip-vit-base-patch16)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -13,7 +13,13 @@ from .attention.edits import P2PController
 from .attention.plan import P2PSpec
 from .hosts.diffusers_models import SD1Model
 from .inversion import ddim_invert
-from .null_text import NullTextOptions, negative_prompt_inversion, null_text_optimize, plain_null
+from .null_text import (
+    NullTextOptions,
+    direct_inversion,
+    negative_prompt_inversion,
+    null_text_optimize,
+    plain_null,
+)
 from .progress import Progress, no_progress
 from .sampling import p2p_sample
 from .schedule import GridKind, make_grid
@@ -22,8 +28,10 @@ from .tokenizer import from_hf
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from .validate import check_prompt
 
-Method = Literal["null-text", "negative-prompt", "styled", "none"]
-METHODS: tuple[Method, ...] = ("null-text", "negative-prompt", "styled", "none")
+Method = Literal["null-text", "null-text-fast", "direct", "negative-prompt", "styled", "none"]
+METHODS: tuple[Method, ...] = ("null-text", "null-text-fast", "direct", "negative-prompt",
+                               "styled", "none")
+OPTIMISED: tuple[Method, ...] = ("null-text", "null-text-fast", "styled")  # need fp32 and autograd
 
 
 @dataclass
@@ -48,10 +56,15 @@ def invert(
     style: StyleOptions = StyleOptions(),
     image_tokens: Tensor | None = None,
     encoder: str = "image encoder",
+    direct: bool = False,
     progress: Progress = no_progress,
 ) -> Inversion:
-    """DDIM inversion of z0 under ``source``, then ∅ by ``method``; ``styled`` optimises
-    StyleDiffusion's value embeddings from ``image_tokens`` = E(x) instead (∅ stays "")."""
+    """DDIM inversion of z0 under ``source``, then ∅ by ``method``: ``null-text`` (the
+    reference's optimisation with ``options``), ``null-text-fast`` (the same with
+    ``options.fast``), ``direct`` (Direct Inversion: ∅ = "", no optimisation, the sampler keeps
+    the source row on the pivot), ``negative-prompt``, ``none``; ``styled`` optimises
+    StyleDiffusion's value embeddings from ``image_tokens`` = E(x) instead (∅ stays "", or
+    Direct Inversion's with ``direct``)."""
     source = check_prompt(source, "source prompt")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -60,16 +73,23 @@ def invert(
     t0 = time.perf_counter()
     if method == "styled" and image_tokens is None:
         raise ValueError("StyleDiffusion needs the image encoder's tokens of the photo")
-    record = ((method == "null-text" and options.attention_weight > 0)
+    if direct and method != "styled":
+        raise ValueError(f"direct=True composes Direct Inversion with method 'styled'; for "
+                         f"{method!r} use method 'direct'")
+    nti = method in ("null-text", "null-text-fast")
+    record = ((nti and options.attention_weight > 0)
               or (method == "styled" and style.attention_weight > 0))
     traj = ddim_invert(model.denoiser, z0, cond, g, source, record_maps=record, progress=progress)
     t1 = time.perf_counter()
-    if method == "null-text":
+    if nti:
+        options = replace(options, fast=method == "null-text-fast")
         uncond = null_text_optimize(model.denoiser, traj, null, options, progress=progress)
+    elif method == "direct":
+        uncond = direct_inversion(traj, null, options.guidance)
     elif method == "negative-prompt":
         uncond = negative_prompt_inversion(traj, options.guidance)
     elif method == "styled":
-        uncond = plain_null(traj, null, style.guidance)
+        uncond = (direct_inversion if direct else plain_null)(traj, null, style.guidance)
         values = style_invert(model.denoiser, traj, image_tokens, null, style, encoder=encoder,
                               progress=progress)
     else:
@@ -80,12 +100,14 @@ def invert(
 
 
 def build_controller(model: SD1Model, spec: P2PSpec, num_steps: int,
-                     keep_step_maps: bool = False) -> P2PController:
-    """The P2P controller for ``spec`` with the model's own tokenizer (all checks happen here)."""
+                     keep_step_maps: bool = False,
+                     latent_hw: tuple[int, int] | None = None) -> P2PController:
+    """The P2P controller for ``spec`` with the model's own tokenizer (all checks happen here);
+    ``keep_step_maps`` for the attention-map view, ``latent_hw`` so LocalBlend stores one size."""
     check_prompt(spec.source, "source prompt")
     for t in spec.targets:
         check_prompt(t, "target prompt")
-    return spec.build(from_hf(model.tokenizer), num_steps, keep_step_maps)
+    return spec.build(from_hf(model.tokenizer), num_steps, keep_step_maps, latent_hw)
 
 
 def edit(
@@ -105,7 +127,9 @@ def edit(
             f"the edit's source prompt {spec.source!r} is not the inversion's "
             f"{inv.trajectory.prompt!r}"
         )
-    ctrl = controller or build_controller(model, spec, inv.trajectory.num_steps)
+    traj = inv.trajectory
+    ctrl = controller or build_controller(model, spec, traj.num_steps,
+                                          latent_hw=tuple(traj.latents.shape[-2:]))
     contexts = torch.cat([inv.trajectory.embedding] + [model.encode_prompt(t) for t in spec.targets])
     return p2p_sample(model.denoiser, inv.trajectory, inv.uncond, contexts,
                       guidance=guidance, controller=ctrl, values=inv.values, value_end=value_end,

@@ -36,6 +36,11 @@ class NullTextOptions:
     lr: float = 1e-2  # lr_i = lr · (1 − i / lr_decay_steps)
     lr_decay_steps: float = 100.0
     attention_weight: float = 0.0  # λ of the attention loss (0 = the reference, bit for bit)
+    fast: bool = False  # the fast mode (see null_text_optimize); False = the reference
+
+    @property
+    def method(self) -> str:
+        return "null-text-fast" if self.fast else "null-text"
 
     def __post_init__(self) -> None:
         if not self.guidance > 0:
@@ -75,12 +80,14 @@ def attention_recorder(traj: Trajectory, branch: bool) -> MapRecorder:
 
 @dataclass
 class StepFit:
-    """One step's optimisation: first and last loss, iterations, last attention loss."""
+    """One step's optimisation: first and last loss, iterations (UNet passes with a loss),
+    last attention loss, and the guided ε of the last pass when no update followed it."""
 
     first: float
     final: float
     iterations: int
     attention: float | None
+    eps: Tensor | None = None
 
 
 def fit_step(
@@ -96,31 +103,40 @@ def fit_step(
     recorder: MapRecorder | None = None,
     attention_weight: float = 0.0,
     check: Callable[[], None] = lambda: None,
+    stop_before_update: bool = False,
 ) -> StepFit:
     """The reference's inner loop at step i, shared by null-text and StyleDiffusion: fresh Adam
     on ``params``; at most ``budget`` times loss = MSE(DDIM(z̄, guided_eps()), z*_{N−1−i})
-    (+ λ·attention loss on what ``recorder`` saw), one Adam step; stop once loss < threshold."""
+    (+ λ·attention loss on what ``recorder`` saw), one Adam step; stop once loss < threshold.
+
+    ``stop_before_update`` (the fast mode) tests the loss before the Adam step instead of after
+    it: a pass below the threshold ends the loop with ``params`` as they were evaluated, and
+    its guided ε is returned in ``StepFit.eps`` so the caller need not compute it again."""
     n = traj.num_steps
     target = traj.latents[n - 1 - i : n - i].float()
     opt = torch.optim.Adam(params, lr=lr)
-    first, a_loss = 0.0, None
+    first, a_loss, kept = 0.0, None, None
     for k in range(budget):
         check()
         if recorder is not None:
             recorder.maps.clear()
-        loss = F.mse_loss(sample_step(traj.grid, i, z, guided_eps()), target)
+        eps = guided_eps()
+        loss = F.mse_loss(sample_step(traj.grid, i, z, eps), target)
         if recorder is not None:
             a_loss = attention_loss(recorder.step_maps(i), traj.loss_maps(i))
             loss = loss + attention_weight * a_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
         value = loss.item()
         if k == 0:
             first = value
+        if stop_before_update and value < threshold:
+            kept = eps.detach()
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         if value < threshold:
             break
-    return StepFit(first, value, k + 1, None if a_loss is None else a_loss.item())
+    return StepFit(first, value, k + 1, None if a_loss is None else a_loss.item(), kept)
 
 
 def null_text_optimize(
@@ -142,6 +158,13 @@ def null_text_optimize(
     unconditional pass's per-head cross-attention at a quarter of the latent side against the
     source prompt's maps recorded at inversion (``Trajectory.loss_maps``) — the only maps ∅
     moves. λ = 0 runs exactly the reference loop (no map is materialised).
+
+    ``options.fast`` (method "null-text-fast") changes three things and keeps every constant:
+    ∅ starts from the source prompt's embedding C (negative-prompt inversion, where ε_∅ = ε_c
+    and the guided step is the conditional one) instead of ""; the early stop is tested before
+    the Adam step, so a step whose ∅ already meets the threshold costs one pass and no
+    backward; and z̄ advances with the ε of that pass (or, when the budget runs out, with one
+    more unconditional pass and the step's ε_c) instead of a fresh two-row CFG call.
     """
     check_context(null_embedding, "null embedding")
     if null_embedding.shape[1:] != traj.embedding.shape[1:]:
@@ -154,12 +177,13 @@ def null_text_optimize(
     recorder = attention_recorder(traj, branch=False) if o.attention_weight > 0 else None
     map_err: list[float] = []
     z = traj.latents[n : n + 1].float()
-    uncond = null_embedding.detach().float().clone()
+    start = traj.embedding if o.fast else null_embedding
+    uncond = start.detach().float().clone()
     out: list[Tensor] = []
     first: list[float] = []
     final: list[float] = []
     iters: list[int] = []
-    start = time.perf_counter()
+    clock = time.perf_counter()
     for i in range(n):
         t = grid.timesteps[i]
         with torch.no_grad():
@@ -176,7 +200,8 @@ def null_text_optimize(
         fit = fit_step(guided, [uncond], traj=traj, i=i, z=z,
                        lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.inner_steps,
                        threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
-                       attention_weight=o.attention_weight, check=check)
+                       attention_weight=o.attention_weight, check=check,
+                       stop_before_update=o.fast)
         first.append(fit.first)
         final.append(fit.final)
         iters.append(fit.iterations)
@@ -184,20 +209,27 @@ def null_text_optimize(
             map_err.append(fit.attention)
         uncond = uncond.detach()
         out.append(uncond)
-        with torch.no_grad():  # one batched CFG call, as the reference (parity to 1e-5)
-            eps_u, eps_c = denoiser.eps(
-                torch.cat([z, z]), t, torch.cat([uncond, cond]), rows=Rows.cfg(1), step=i
-            ).chunk(2)
-            z = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
+        with torch.no_grad():
+            if o.fast:  # the ε of the pass that met the threshold, or ε_∅ once more
+                eps = fit.eps
+                if eps is None:
+                    eps_u = denoiser.eps(z, t, uncond, step=i)
+                    eps = eps_u + o.guidance * (eps_c - eps_u)
+            else:  # one batched CFG call, as the reference (parity to 1e-5)
+                eps_u, eps_c = denoiser.eps(
+                    torch.cat([z, z]), t, torch.cat([uncond, cond]), rows=Rows.cfg(1), step=i
+                ).chunk(2)
+                eps = eps_u + o.guidance * (eps_c - eps_u)
+            z = sample_step(grid, i, z, eps)
         progress(1)
     return UncondEmbeddings(
         embeddings=stack(out),
-        method="null-text",
+        method=o.method,
         guidance=o.guidance,
         final_loss=final,
         first_loss=first,
         iterations=iters,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - clock,
         attention_weight=o.attention_weight,
         attention_loss=map_err,
     )
@@ -207,6 +239,14 @@ def negative_prompt_inversion(traj: Trajectory, guidance: float = 7.5) -> Uncond
     """NPI (Miyake et al. 2023): ∅_i := C for every step — no optimisation."""
     emb = traj.embedding.detach().expand(traj.num_steps, -1, -1).clone()
     return UncondEmbeddings(embeddings=emb, method="negative-prompt", guidance=guidance)
+
+
+def direct_inversion(traj: Trajectory, null_embedding: Tensor,
+                     guidance: float = 7.5) -> UncondEmbeddings:
+    """Direct Inversion (Ju et al. 2024, "PnP Inversion"): no optimisation; ∅ = "" at every
+    step, and ``p2p_sample`` puts the source row back on the pivot after every step."""
+    emb = null_embedding.detach().expand(traj.num_steps, -1, -1).clone()
+    return UncondEmbeddings(embeddings=emb, method="direct", guidance=guidance)
 
 
 def plain_null(traj: Trajectory, null_embedding: Tensor, guidance: float = 7.5) -> UncondEmbeddings:

@@ -31,6 +31,13 @@ def p2p_sample(
     [∅_i × S | contexts] (branch-labelled), ε = ε_∅ + w(ε_c − ε_∅), DDIM, then
     ``controller.after_step`` (LocalBlend). ``guidance`` defaults to the one ∅ was optimised for.
 
+    Direct Inversion (``uncond.method == "direct"``, PnP Inversion, Ju et al. 2024): after each
+    step's DDIM update and before ``after_step``, the source row is put back on the pivot,
+    z_0 ← z*_{N−1−i}; targets are untouched. The official code adds offset_i = z*_{N−1−i} −
+    DDIM(z*_{N−i}, ε) computed in a pass of its own; that pass sees the same input, prompts and
+    ε as the source row here (no edit touches slot 0), so the sum is z*_{N−1−i} up to rounding
+    — written directly, without the extra pass (checked against a transcription in the tests).
+
     ``values`` (StyleDiffusion): the conditional cross-attention reads its values from them —
     always on the source row, on target rows while i < τ_v·N (``value_end`` = τ_v; the official
     code's ``v_replace_steps``), then from the target's own prompt embedding.
@@ -49,11 +56,12 @@ def p2p_sample(
             raise ValueError(f"value embeddings {tuple(values.shift.shape[1:])} do not match the "
                              f"prompt embeddings {tuple(contexts.shape[1:])}")
     w = uncond.guidance if guidance is None else guidance
-    s = contexts.shape[0]
+    s, n = contexts.shape[0], traj.num_steps
+    direct = uncond.method == "direct"
     grid = traj.grid
     rows = Rows.cfg(s, device=contexts.device)
     z = traj.z_T.expand(s, -1, -1, -1).clone()
-    for i in range(traj.num_steps):
+    for i in range(n):
         null = uncond.at(i).to(contexts).expand(s, -1, -1)
         ctx = torch.cat([null, contexts])
         vctx = None
@@ -68,6 +76,8 @@ def p2p_sample(
         )
         eps_u, eps_c = eps.chunk(2)
         z = sample_step(grid, i, z, eps_u + w * (eps_c - eps_u))
+        if direct:
+            z[0] = traj.latents[n - 1 - i].to(z)
         if controller is not None:
             z = controller.after_step(i, z)
         progress(1)

@@ -66,7 +66,8 @@ class Trajectory:
 class UncondEmbeddings:
     """Per-step unconditional embeddings ∅_i (i = 0 = noisiest step), [N, L, D], and how they came.
 
-    method: "null-text" | "negative-prompt" | "null" (the plain embedding of "", no inversion).
+    method: "null-text" | "null-text-fast" | "negative-prompt" | "direct" (∅ = "", the sampler
+    keeps the source row on the pivot) | "null" (the plain embedding of "", no inversion).
     final_loss / first_loss / iterations: per step (null-text only; empty otherwise).
     """
 

@@ -139,7 +139,7 @@ def test_refine_keeps_new_tokens_own_attention(tok: tk.TokenizerSpec) -> None:
 
 
 def test_reweight_scales_only_chosen_columns(tok: tk.TokenizerSpec) -> None:
-    c = P2PSpec(CAT, (CAT,), mode="reweight", reweight="cat:3", store_edited=True).build(tok, 10)
+    c = P2PSpec(CAT, (CAT,), mode="reweight", reweight="cat:3", store_edited=True).build(tok, 10, keep_step_maps=True)
     q, k, v = rand(2, 16, 0), rand(2, L, 1), rand(2, L, 2)
     call(c, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
     p = attention_probs(q, k, HEADS).mean(1)
@@ -153,7 +153,7 @@ def test_reweight_scales_only_chosen_columns(tok: tk.TokenizerSpec) -> None:
 
 def test_reweight_composes_with_replace(tok: tk.TokenizerSpec) -> None:
     target = "a dog sitting next to a mirror"
-    c = P2PSpec(CAT, (target,), reweight={"dog": 0.5}, store_edited=True).build(tok, 10)
+    c = P2PSpec(CAT, (target,), reweight={"dog": 0.5}, store_edited=True).build(tok, 10, keep_step_maps=True)
     q, k, v = rand(2, 16, 0), rand(2, L, 1), rand(2, L, 2)
     call(c, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
     p = attention_probs(q, k, HEADS).mean(1)
@@ -168,10 +168,10 @@ def test_store_records_edited_maps_by_default_as_the_reference(tok: tk.Tokenizer
     # the edited ones (here cat → dog maps one token to one, so the edit is the source's maps)
     q, k, v = rand(2, 16, 0), rand(2, L, 1), rand(2, L, 2)
     p = attention_probs(q, k, HEADS).mean(1)
-    c = P2PSpec(CAT, ("a dog sitting next to a mirror",)).build(tok, 10)
+    c = P2PSpec(CAT, ("a dog sitting next to a mirror",)).build(tok, 10, keep_step_maps=True)
     call(c, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
     assert torch.allclose(c.store.sums((4, 4), 1).reshape(16, L), p[0], atol=1e-6)
-    before = P2PSpec(CAT, ("a dog sitting next to a mirror",), store_edited=False).build(tok, 10)
+    before = P2PSpec(CAT, ("a dog sitting next to a mirror",), store_edited=False).build(tok, 10, keep_step_maps=True)
     call(before, q, k, v, CROSS, (4, 4), 0, Rows.cond(2))
     assert torch.allclose(before.store.sums((4, 4), 1).reshape(16, L), p[1], atol=1e-6)
     assert not torch.allclose(p[0], p[1], atol=1e-3)
@@ -195,7 +195,7 @@ def test_self_injection_range_and_size() -> None:
 @pytest.mark.parametrize("limit", [32, 16])
 def test_self_injection_limit(tok: tk.TokenizerSpec, limit: int) -> None:
     """32: maps up to 32×32 get the source's self-attention (null-text notebook); 16: up to
-    16×16 only (P2P notebook, diffusers' Prompt2PromptPipeline); the store keeps 32×32 maps."""
+    16×16 only (P2P notebook, diffusers' Prompt2PromptPipeline)."""
     c = P2PSpec(CAT, (CAT,), mode="reweight", self_steps=1.0, self_limit=limit).build(tok, 10)
     rows = Rows.cfg(2)
     for hw in ((16, 16), (32, 32), (24, 16)):
@@ -206,7 +206,7 @@ def test_self_injection_limit(tok: tk.TokenizerSpec, limit: int) -> None:
         p_src = attention_probs(q[2:3], k[2:3], HEADS)
         tgt = probs_times_v(p_src, v[3:4])[0] if injected else sdpa(q, k, v, HEADS)[3]
         assert torch.allclose(out[3], tgt, atol=1e-6), (limit, hw)
-    assert c.store.max_pixels == 32 * 32
+    assert c.store.max_pixels == 0  # no LocalBlend, no map view: nothing is stored
     with pytest.raises(ValueError, match="self-attention limit must be one of"):
         P2PSpec(CAT, (CAT,), mode="reweight", self_limit=64).build(tok, 10)
 
@@ -321,3 +321,27 @@ def test_unknown_words_are_errors(tok: tk.TokenizerSpec) -> None:
         P2PSpec(CAT, ("a big dog sitting next to a mirror",)).build(tok, 10)
     with pytest.raises(ValueError, match="reweight alone keeps the source prompt"):
         P2PSpec(CAT, dog, mode="reweight").build(tok, 10)
+
+
+def test_store_materialises_only_what_is_read(tok: tk.TokenizerSpec) -> None:
+    """No LocalBlend and no map view: past the cross-injection steps every cross-attention layer
+    runs the fused kernel and nothing is kept; LocalBlend with the latent size: its quarter-side
+    maps only; the map view: every size up to 32²."""
+    dog = ("a dog sitting next to a mirror",)
+    rows = Rows.cfg(2)
+    q, k, v = rand(4, 16, 0), rand(4, L, 1), rand(4, L, 2)
+    bare = P2PSpec(CAT, dog).build(tok, 10)
+    late = 9  # past ⌊0.8·11⌋: no cross edit
+    assert torch.equal(call(bare, q, k, v, CROSS, (4, 4), late, rows), sdpa(q, k, v, HEADS))
+    call(bare, q, k, v, CROSS, (4, 4), 0, rows)
+    assert bare.store.resolutions() == []
+    blend = P2PSpec(CAT, dog, blend_words=("cat", "dog")).build(tok, 10, latent_hw=(16, 16))
+    view = P2PSpec(CAT, dog, blend_words=("cat", "dog")).build(tok, 10, keep_step_maps=True)
+    for index, hw in enumerate(((8, 8), (4, 4), (2, 2))):
+        n = hw[0] * hw[1]
+        q, k, v = rand(4, n, 0), rand(4, L, 1), rand(4, L, 2)
+        for c in (blend, view):
+            call(c, q, k, v, Site("input", index, 0, True), hw, late, rows)
+    assert blend.store.resolutions() == [(4, 4)]  # a quarter of 16×16
+    assert view.store.resolutions() == [(2, 2), (4, 4), (8, 8)]
+    assert torch.equal(blend.store.sums((4, 4), 1), view.store.sums((4, 4), 1))

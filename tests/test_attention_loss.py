@@ -231,7 +231,7 @@ def test_p2plus_injects_the_unconditional_self_attention_for_exactly_the_steps_a
     for tau in (0.0, 0.5):
         ctrl = P2PSpec(plain.prompt, (target,), uncond_self=tau).build(tok, 6)
         spy = UncondSelfSpy(ctrl.cross_alpha, ctrl.self_range, replace=ctrl.replace,
-                            uncond_self_range=ctrl.uncond_self_range)
+                            uncond_self_range=ctrl.uncond_self_range, store=ctrl.store)
         outs[tau] = p2p_sample(m.denoiser, plain, u, contexts, controller=spy)
         assert set(spy.matches) == set(range(6))
         # at step 0 every unconditional row is the same latent with the same ∅, so its

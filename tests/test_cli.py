@@ -21,6 +21,11 @@ def test_demo_writes_images_a_contact_sheet_and_a_report(tmp_path, capsys, caplo
     assert rec["null-text"]["psnr_db"] > rec["ddim"]["psnr_db"]
     assert report["vae_roundtrip_psnr_db"] > 22
     assert len(report["null_text"]["iterations"]) == 8
+    assert rec["direct"]["latent_mse"] == 0.0  # Direct Inversion: the source row is the pivot
+    # measured at 128², 8 steps: fast null-text 0.00021, below the paper's (every step of both
+    # spends the budget here: at 8 steps the DDIM step error is large)
+    assert rec["null-text-fast"]["latent_mse"] < nti
+    assert sum(report["null_text_fast"]["iterations"]) <= sum(report["null_text"]["iterations"])
     from nti_core.cli import DEMO_EDITS
 
     for name, _, _ in DEMO_EDITS:
@@ -30,17 +35,18 @@ def test_demo_writes_images_a_contact_sheet_and_a_report(tmp_path, capsys, caplo
         assert e["source_row_latent_mse"] == pytest.approx(nti, rel=1e-4)
         assert (out / f"edit_{name}.png").is_file()
     for name in ("input", "input_vae_roundtrip", "reconstruction_ddim", "reconstruction_null-text",
-                 "reconstruction_negative-prompt", "contact_sheet"):
+                 "reconstruction_negative-prompt", "reconstruction_null-text-fast",
+                 "reconstruction_direct", "contact_sheet"):
         assert (out / f"{name}.png").is_file()
     from PIL import Image
 
-    with Image.open(out / "contact_sheet.png") as sheet:  # 5 columns of 256 px tiles, 2 rows
-        assert sheet.width > 5 * 256 and sheet.height > 2 * 256
+    with Image.open(out / "contact_sheet.png") as sheet:  # 7 columns of 256 px tiles, 2 rows
+        assert sheet.width > 7 * 256 and sheet.height > 2 * 256
     printed = capsys.readouterr().out
     assert "null-text" in printed and str(out.resolve()) in printed
     # progress: numbered phases, and without a terminal a line per tenth of a long phase
     assert "[1/5] load the demo model" in caplog.text and "[5/5]" in caplog.text
-    assert "null-text optimisation: 4/8" in caplog.text
+    assert "null-text optimisation (the paper's, then the fast mode): 8/16" in caplog.text
 
 
 @pytest.mark.parametrize(

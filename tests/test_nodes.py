@@ -213,7 +213,9 @@ def test_entrypoint_registers_the_eight_nodes(pack: ModuleType) -> None:
     assert info["grid"][1]["options"] == ["reference", "ddim_uniform"]
     assert info["source_prompt"][1]["multiline"] is True
     nto = schemas["NTINullTextOptimize"][0].INPUT_TYPES()["required"]
-    assert nto["method"][1]["options"] == ["null-text", "negative-prompt"]
+    assert nto["method"][1]["options"] == ["null-text", "null-text-fast", "direct",
+                                           "negative-prompt"]
+    assert nto["method"][1]["default"] == "null-text-fast"  # the bench's choice (README)
     assert (nto["guidance"][1]["default"], nto["inner_steps"][1]["default"],
             nto["early_stop"][1]["default"]) == (7.5, 10, 1e-5)
     plan = schemas["NTIAttentionEditPlan"][0].INPUT_TYPES()["required"]
@@ -412,6 +414,74 @@ def test_negative_prompt_method(N: Any, comfy_sd15: Any, chain: dict[str, Any]) 
     torch.testing.assert_close(uncond.embeddings, chain["traj"].embedding.expand(STEPS, -1, -1))
 
 
+def test_direct_inversion_method(folders: Path, N: Any, comfy_sd15: Any,
+                                 chain: dict[str, Any]) -> None:
+    """Direct Inversion through the nodes: no optimisation, ∅ = "", P2P Sample's reconstruction
+    is the photo's latent itself while the targets are edited; it saves and loads."""
+    model, clip, _ = comfy_sd15
+    traj = chain["traj"]
+    uncond, report = run(N["NTINullTextOptimize"], model=model, clip=clip, trajectory=traj,
+                         guidance=7.5, inner_steps=10, early_stop=1e-5, method="direct").args
+    assert uncond.method == "direct" and uncond.iterations == [] and "direct" in report
+    null = sub("nodes.common").encode_empty(clip)
+    torch.testing.assert_close(uncond.embeddings, null.expand(STEPS, -1, -1).to(uncond.embeddings))
+    latents, _ = run(N["NTIP2PSample"], model=model, trajectory=traj, uncond=uncond,
+                     plan=chain["plan"], guidance=7.5).args
+    z = latents["samples"]
+    photo = chain["latent"]["samples"]
+    assert float((z[0] - photo[0]).abs().max()) < 1e-5  # the pivot's z*_0 = the photo's latent
+    assert float((chain["latents"]["samples"][0] - photo[0]).abs().max()) > 1e-3  # NTI's is not
+    assert float((z[1] - z[0]).abs().max()) > 1e-3  # the targets are edited
+    run(N["NTISaveInversion"], trajectory=traj, uncond=uncond, filename_prefix="nti/direct")
+    _, u2, _ = run(N["NTILoadInversion"], model=model,
+                   inversion="nti/direct_00001.safetensors [output]").args
+    assert u2.method == "direct" and torch.equal(u2.embeddings, uncond.embeddings.to(u2.embeddings))
+
+
+def test_fast_null_text_method(N: Any, comfy_sd15: Any, chain: dict[str, Any]) -> None:
+    model, clip, _ = comfy_sd15
+    traj = chain["traj"]
+    uncond, report = run(N["NTINullTextOptimize"], model=model, clip=clip, trajectory=traj,
+                         guidance=7.5, inner_steps=INNER, early_stop=1e-5,
+                         method="null-text-fast").args
+    assert uncond.method == "null-text-fast" and uncond.num_steps == STEPS
+    for i, (it, loss) in enumerate(zip(uncond.iterations, uncond.final_loss, strict=True)):
+        assert loss < 1e-5 + i * 2e-5 or it == INNER  # met the threshold or spent the budget
+    # it starts from the source prompt: the first step's first loss is negative-prompt
+    # inversion's (ε_∅ = ε_c, the conditional DDIM step), not the reference's from ""
+    assert uncond.first_loss[0] != pytest.approx(chain["uncond"].first_loss[0], rel=1e-3)
+    latents, _ = run(N["NTIP2PSample"], model=model, trajectory=traj, uncond=uncond,
+                     plan=chain["plan"], guidance=7.5).args
+    photo = chain["latent"]["samples"]
+    fast_err = float((latents["samples"][0] - photo[0]).pow(2).mean())
+    ddim_err = float((chain["recon"]["samples"][0] - photo[0]).pow(2).mean())
+    assert fast_err < ddim_err
+
+
+def test_p2p_sample_keeps_maps_only_when_its_attention_output_is_wired(
+        N: Any, comfy_sd15: Any, chain: dict[str, Any]) -> None:
+    from comfy_api.internal import make_locked_method_func
+
+    common = sub("nodes.common")
+    wired = {"5": {"class_type": "NTIP2PSample", "inputs": {}},
+             "6": {"class_type": "NTIAttentionMaps", "inputs": {"attention": ["5", 1]}}}
+    unwired = {"5": {"class_type": "NTIP2PSample", "inputs": {}},
+               "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0]}}}
+    assert common.output_used(wired, "5", 1) and not common.output_used(unwired, "5", 1)
+    assert common.output_used(None, "5", 1) and common.output_used(unwired, "99", 1)
+    node = N["NTIP2PSample"]
+    node.GET_SCHEMA()
+    outs = {}
+    for name, prompt in (("wired", wired), ("unwired", unwired)):
+        clone = node.PREPARE_CLASS_CLONE({"PROMPT": prompt, "UNIQUE_ID": "5"})
+        call = make_locked_method_func(node, "EXECUTE_NORMALIZED", clone)
+        with torch.inference_mode():
+            outs[name] = call(model=comfy_sd15[0], trajectory=chain["traj"],
+                              uncond=chain["uncond"], plan=chain["plan"], guidance=7.5).args
+    assert outs["unwired"][1] is None and outs["wired"][1] is not None
+    assert torch.allclose(outs["wired"][0]["samples"], outs["unwired"][0]["samples"], atol=1e-5)
+
+
 # ============================================================== files
 
 
@@ -564,7 +634,7 @@ def test_attention_loss_through_the_nodes(N: Any, quarter_sd15: Any,
                   method="null-text")
     with pytest.raises(ValueError, match="turn on record_maps in DDIM Invert"):
         run(N["NTINullTextOptimize"], trajectory=quarter["plain"], attention_loss=1.0, **common)
-    with pytest.raises(ValueError, match="applies to method 'null-text'"):
+    with pytest.raises(ValueError, match="attention_loss applies to methods"):
         run(N["NTINullTextOptimize"], trajectory=quarter["plain"], attention_loss=1.0,
             **{**common, "method": "negative-prompt"})
     traj = quarter["mapped"]

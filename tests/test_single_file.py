@@ -328,3 +328,35 @@ def test_cli_styled_edit(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert "StyleDiffusion (official mapping network" in report["values"]
     assert "197×768" in report["values"]
     assert report["timings"]["styled"] > 0
+
+
+@pytest.mark.parametrize("method", ["direct", "null-text-fast"])
+def test_cli_direct_and_fast_methods(tiny_ckpt: Path, tmp_path: Path, method: str) -> None:
+    """--method direct: the reconstruction is the VAE round trip of the photo (the source row
+    stays on the pivot); --method null-text-fast; --no-attention-maps writes no map PNGs."""
+    import json
+
+    import numpy as np
+    from core_support import CAT
+    from PIL import Image
+
+    from nti_core.cli import main
+    from nti_core.hosts.diffusers_models import load_sd1
+    from nti_core.images import load_image, to_uint8
+
+    out = tmp_path / method
+    argv = ["edit", "--model", str(tiny_ckpt), "--image", str(CAT),
+            "--source", "a cat sitting next to a mirror",
+            "--target", "a dog sitting next to a mirror", "--blend", "cat", "--blend", "dog",
+            "--steps", "3", "--size", "64", "--out", str(out), "--method", method,
+            "--no-attention-maps"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(p).name for p in report["paths"]] == ["reconstruction.png", "edit_1.png"]
+    assert f"method: {method}" in report["uncond"]
+    if method == "direct":
+        m = load_sd1(tiny_ckpt)
+        vae = to_uint8(m.decode(m.encode_image(load_image(CAT, 64))))[0].astype(int)
+        recon = np.asarray(Image.open(out / "reconstruction.png")).astype(int)
+        assert np.abs(recon - vae).max() <= 1
+    assert main(argv[:-3] + ["--method", "direct", "--direct"]) == 2  # --direct is for styled

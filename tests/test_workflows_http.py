@@ -259,6 +259,25 @@ def test_negative_prompt_reconstruction_is_the_ddim_round_trip(comfy_server, obj
     assert np.abs(edit - ddim).mean() > 1e-3
 
 
+def test_direct_inversion_reconstruction_is_the_vae_round_trip(comfy_server, object_info) -> None:
+    """Direct Inversion keeps the source row on the pivot: P2P Sample's reconstruction is the
+    photo's own latent, so it decodes to the VAE round trip of the input; the edit differs."""
+    api = small(ui_to_api(load_ui(SHIPPED[0]), object_info), "test/direct")
+    set_input(api, "NTINullTextOptimize", "method", "direct")
+    (encode,) = find_nodes(api, "VAEEncode")
+    (vae_source,) = {tuple(api[n]["inputs"]["vae"]) for n in find_nodes(api, "VAEDecode")}
+    api["900"] = {"class_type": "VAEDecode",
+                  "inputs": {"samples": [encode, 0], "vae": list(vae_source)}}
+    api["901"] = {"class_type": "SaveImage",
+                  "inputs": {"images": ["900", 0], "filename_prefix": "test/direct_vae"}}
+    entry = comfy_server.run(api, timeout=600)
+    (save,) = [n for n in find_nodes(api, "SaveImage") if n != "901"]
+    recon, edit = saved_images(comfy_server, entry, save)
+    (vae,) = saved_images(comfy_server, entry, "901")
+    assert np.abs(recon - vae).max() <= 1 / 255
+    assert np.abs(edit - vae).mean() > 1e-3
+
+
 # --------------------------------------------------------------------------- validation
 
 

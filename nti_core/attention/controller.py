@@ -58,6 +58,8 @@ class Identity:
 class AttentionStore:
     """Stores conditional cross-attention maps (mean over heads) of query maps ≤ ``max_pixels``.
 
+    ``sizes`` limits the store to those query sizes (LocalBlend reads one); ``max_pixels = 0``
+    stores nothing, so every layer the edit leaves alone runs the fused kernel.
     Keeps, per (site, slot), the sum over calls of the [Nq, Nk] map and the number of calls
     (``average`` = sum / count, ``sums`` = the reference's ``attention_store``); optionally the
     maps of chosen steps (latest call wins) for StyleDiffusion's attention loss; and with
@@ -73,8 +75,10 @@ class AttentionStore:
         record_hw: Iterable[tuple[int, int]] | None = None,
         detach: bool = True,
         step_means: bool = False,
+        sizes: Iterable[tuple[int, int]] | None = None,
     ) -> None:
         self.max_pixels = max_pixels
+        self.sizes = None if sizes is None else {(int(h), int(w)) for h, w in sizes}
         self.record_steps = record_steps if isinstance(record_steps, bool) else set(record_steps)
         self.record_hw = None if record_hw is None else {tuple(hw) for hw in record_hw}
         self.detach = detach
@@ -91,8 +95,10 @@ class AttentionStore:
         self._step_n: dict[tuple[int, tuple[int, int], int], int] = {}
 
     def wants(self, site: Site, hw: tuple[int, int]) -> bool:
-        """Whether maps of this layer are stored (cross-attention with Nq ≤ max_pixels)."""
-        return site.cross and hw[0] * hw[1] <= self.max_pixels
+        """Whether maps of this layer are stored (cross-attention with Nq ≤ max_pixels, of one of
+        ``sizes`` when given)."""
+        return (site.cross and hw[0] * hw[1] <= self.max_pixels
+                and (self.sizes is None or tuple(hw) in self.sizes))
 
     def _step_wanted(self, step: int, hw: tuple[int, int]) -> bool:
         steps = self.record_steps

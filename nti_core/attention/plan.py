@@ -24,7 +24,7 @@ from ..alignment import (
 )
 from ..tokenizer import TokenizerSpec
 from .controller import AttentionStore
-from .edits import LocalBlend, P2PController
+from .edits import LocalBlend, P2PController, blend_map_size
 from .schedules import Bounds, CrossSpec, cross_injection_alpha, injection_range
 
 EditMode = Literal["auto", "replace", "refine", "reweight"]
@@ -78,11 +78,12 @@ class P2PSpec:
     store_edited: bool = True
     self_limit: int = SELF_LIMITS[0]  # self-attention injected into maps ≤ self_limit² only
 
-    def build(self, tokenizer: TokenizerSpec, num_steps: int,
-              keep_step_maps: bool = False) -> P2PController:
+    def build(self, tokenizer: TokenizerSpec, num_steps: int, keep_step_maps: bool = False,
+              latent_hw: tuple[int, int] | None = None) -> P2PController:
         """Tokenise, align and schedule; raises ValueError on anything inconsistent.
-        ``keep_step_maps``: the store keeps per-step layer means (for the attention-map view)."""
-        return build_p2p(tokenizer, self, num_steps, keep_step_maps)
+        ``keep_step_maps``: the store keeps per-step layer means (for the attention-map view);
+        ``latent_hw``: lets a LocalBlend-only store keep the one size it reads."""
+        return build_p2p(tokenizer, self, num_steps, keep_step_maps, latent_hw)
 
 
 def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Tokenized,
@@ -99,8 +100,13 @@ def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Token
 
 
 def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int,
-              keep_step_maps: bool = False) -> P2PController:
-    """The controller for slots [source, *targets] (see :class:`P2PSpec`)."""
+              keep_step_maps: bool = False,
+              latent_hw: tuple[int, int] | None = None) -> P2PController:
+    """The controller for slots [source, *targets] (see :class:`P2PSpec`).
+
+    Its store materialises only what is read: every small cross-attention map for the
+    attention-map view (``keep_step_maps``); else LocalBlend's quarter-side maps (all sizes up
+    to 32² when ``latent_hw`` is unknown); else nothing."""
     targets = (spec.targets,) if isinstance(spec.targets, str) else tuple(spec.targets)
     if not targets:
         raise ValueError("P2P needs at least one target prompt")
@@ -140,5 +146,13 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int,
         replace=replace, refine=refine, equalizer=eq, local_blend=blend,
         uncond_self_range=injection_range(num_steps, spec.uncond_self, "unconditional self injection"),
         store_edited=spec.store_edited, self_max_pixels=spec.self_limit**2,
-        store=AttentionStore(step_means=keep_step_maps),
+        store=_store(keep_step_maps, blend is not None, latent_hw),
     )
+
+
+def _store(keep_step_maps: bool, blend: bool, latent_hw: tuple[int, int] | None) -> AttentionStore:
+    if keep_step_maps:
+        return AttentionStore(step_means=True)
+    if blend:
+        return AttentionStore(sizes=None if latent_hw is None else [blend_map_size(latent_hw)])
+    return AttentionStore(max_pixels=0)
