@@ -1,4 +1,5 @@
-"""Null-text optimisation (Mokady et al. 2023, Algorithm 1) and negative-prompt inversion.
+"""Null-text optimisation (Mokady et al. 2023, Algorithm 1, and a fast mode of it), negative-prompt
+inversion and Direct Inversion's ∅.
 
 Notation: ∅_i = unconditional embedding of step i (i = 0 is the noisiest), w = guidance,
 z̄ = the latent being walked down, z* = the pivot trajectory.
