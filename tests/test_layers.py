@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "nti_core"
 DIFFUSERS_HOST = {"hosts/diffusers.py", "hosts/diffusers_models.py", "hosts/sd1_single_file.py",
                   "hosts/diffusers_demo.py", "hosts/diffusers_demo_train.py"}
-HOST_ONLY = {"comfy": {"hosts/comfy.py"}, "diffusers": DIFFUSERS_HOST}
+COMFY_HOST = {f"hosts/comfy/{f.name}" for f in (CORE / "hosts" / "comfy").glob("*.py")}
+HOST_ONLY = {"comfy": COMFY_HOST, "diffusers": DIFFUSERS_HOST}
 LAZY_OK = {"transformers": {"tokenizer.py"} | DIFFUSERS_HOST,
            "PIL": {"images.py", "hosts/diffusers_demo.py"},
            "safetensors": {"files.py"} | DIFFUSERS_HOST, "skimage": {"hosts/diffusers_demo.py"},

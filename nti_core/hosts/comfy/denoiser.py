@@ -1,0 +1,210 @@
+"""``ComfyDenoiser``: the ``Denoiser`` protocol over a ComfyUI MODEL — z ↔ σ-space, ε from
+ComfyUI's denoised output, rows sent as ComfyUI's chunks, the per-call state for the hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Controller, Rows, Site, model_fingerprint, value_rows
+from .family import check_sd1
+from .grad import (
+    _has_inference_weights,
+    _identity,
+    _usable,
+    effective_unet_weights,
+    prepare_for_grad,
+)
+from .hooks import STATE_KEY, CallState, patch_model, transformer_keys
+from .rows import plan_calls
+
+log = logging.getLogger(__name__)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class ComfyDenoiser:
+    """``Denoiser`` over a ComfyUI MODEL (SD 1.x, ε-prediction); see ``nti_core.hosts.comfy``.
+
+    ``for_grad`` prepares a clone whose forward can be differentiated although ComfyUI built the
+    weights under inference mode (fp32 compute; each weight is copied per call, so the backward
+    keeps one extra copy of the UNet). Build the graph inside ``autograd()``. ``separate_calls``
+    runs every chunk (branch) in its own UNet call, as ComfyUI does under memory pressure.
+    """
+
+    def __init__(self, model: Any, *, for_grad: bool = False, separate_calls: bool = False):
+        check_sd1(model)
+        self.source = model
+        self.for_grad = for_grad
+        self.separate_calls = separate_calls
+        self.keys = transformer_keys(model)
+        self.sites = tuple(Site(b, i, d, cross) for b, i, d in self.keys for cross in (False, True))
+        self.patcher = patch_model(model)
+        if for_grad:
+            prepare_for_grad(self.patcher)
+        sampling = model.get_model_object("model_sampling")
+        with torch.inference_mode(False):
+            self._sigmas = sampling.sigmas.detach().to("cpu", torch.float32).clone()
+            self._alphas = 1.0 / (1.0 + self._sigmas.double() ** 2)
+        self._fingerprint: Tensor | None = None
+
+    # ----------------------------------------------------------------- protocol properties
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ = 1/(1+σ²) from ``model_sampling.sigmas``, [1000] float64."""
+        return self._alphas
+
+    @property
+    def device(self) -> torch.device:
+        """Where ComfyUI runs the UNet (``ModelPatcher.load_device``)."""
+        return self.patcher.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's compute dtype (ComfyUI's manual-cast dtype if set; fp32 when ``for_grad``)."""
+        cast = self.patcher.get_model_object("manual_cast_dtype")
+        return cast if cast is not None else self.patcher.model.get_dtype()
+
+    def sigma(self, t: int) -> float:
+        """σ_t exactly as ``model_sampling.sigmas[t]`` holds it (float32 value)."""
+        if not 0 <= int(t) < len(self._sigmas):
+            raise ValueError(f"timestep must be in 0…{len(self._sigmas) - 1}, got {t}")
+        return float(self._sigmas[int(t)])
+
+    def load(self) -> None:
+        """Load the hooked clone with ComfyUI's model management (cheap when already loaded)."""
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.patcher])
+        if self.for_grad:
+            self._check_wrappers()
+
+    def _check_wrappers(self) -> None:
+        for module in self.patcher.model.diffusion_model.modules():
+            if getattr(module, "weight", None) is not None and hasattr(module, "weight_function"):
+                if _identity not in module.weight_function:
+                    raise RuntimeError("ComfyUI did not install the autograd weight wrappers")
+                return
+
+    def fingerprint(self) -> Tensor:
+        """``model_fingerprint`` of the diffusion model's weights as loaded (patches count)."""
+        if self._fingerprint is None:
+            self.load()
+            with torch.inference_mode(False):
+                self._fingerprint = model_fingerprint(effective_unet_weights(self.patcher))
+        return self._fingerprint
+
+    # ----------------------------------------------------------------- ε
+
+    def eps(
+        self,
+        z: Tensor,
+        t: int,
+        context: Tensor,
+        *,
+        rows: Rows | None = None,
+        step: int | None = None,
+        controller: Controller | None = None,
+        value_context: Tensor | None = None,
+    ) -> Tensor:
+        """z [B, 4, h, w] (z_t, ×0.18215), context [B, L, D] → ε [B, 4, h, w] in z's dtype/device.
+
+        ``rows`` (default: all conditional, slots 0…B−1) must come in chunks of one branch with
+        slots 0, 1, …; ``value_context`` [B, L, D] feeds the values of the conditional rows'
+        cross-attention. Differentiable w.r.t. context/value_context inside ``autograd()`` when
+        the denoiser was built ``for_grad``.
+        """
+        b = z.shape[0]
+        self._check_inputs(z, context, value_context, step, controller)
+        rows = Rows.cond(b) if rows is None else rows
+        if len(rows) != b:
+            raise ValueError(f"{b} latents need {b} row labels, got {len(rows)}")
+        calls = plan_calls(rows, self.separate_calls)
+        self.load()
+        record = self._records_grad(z, context, value_context)
+        scope = torch.inference_mode(False) if record else contextlib.nullcontext()
+        with scope:
+            z, context, value_context = (_usable(x, record) for x in (z, context, value_context))
+            values = value_rows(rows, context, value_context)
+            out = [
+                self._eps_call(
+                    z[s:e], int(t), context[s:e], None if values is None else values[s:e],
+                    cou, step, controller,
+                )
+                for s, e, cou in calls
+            ]
+            eps = torch.cat(out) if len(out) > 1 else out[0]
+        return eps.to(device=z.device, dtype=z.dtype)
+
+    def _check_inputs(
+        self, z: Tensor, context: Tensor, value_context: Tensor | None,
+        step: int | None, controller: Controller | None,
+    ) -> None:
+        if z.ndim != 4 or context.ndim != 3 or context.shape[0] != z.shape[0]:
+            raise ValueError(
+                f"expected z [B, 4, h, w] and context [B, L, D] with the same B, got "
+                f"{tuple(z.shape)} and {tuple(context.shape)}"
+            )
+        if value_context is not None and value_context.shape != context.shape:
+            raise ValueError(
+                f"value_context {tuple(value_context.shape)} must match context "
+                f"{tuple(context.shape)}"
+            )
+        if controller is not None and step is None:
+            raise ValueError("a controller needs the step index (eps(..., step=i))")
+
+    def _records_grad(self, *inputs: Tensor | None) -> bool:
+        """Whether autograd must record this call; refuse early when it cannot work."""
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return False
+        if not any(x is not None and x.requires_grad for x in inputs):
+            return False
+        if not self.for_grad and _has_inference_weights(self.patcher):
+            raise RuntimeError(
+                "gradients through this model need ComfyDenoiser(model, for_grad=True): its "
+                "weights were made under torch.inference_mode()"
+            )
+        return True
+
+    def _eps_call(
+        self, z: Tensor, t: int, context: Tensor, values: Tensor | None,
+        cond_or_uncond: list[int], step: int | None, controller: Controller | None,
+    ) -> Tensor:
+        """One ``apply_model`` call on a batch made of ``cond_or_uncond`` chunks."""
+        device = self.device
+        sig = self.sigma(t)
+        sigma = torch.full((z.shape[0],), sig, dtype=torch.float32, device=device)
+        x = z.to(device=device, dtype=torch.float32) * math.sqrt(1.0 + sig * sig)  # z/√ᾱ_t
+        call = CallState(controller=controller, value=values)
+        if step is not None:
+            call.step_sigmas = torch.tensor([sig], dtype=torch.float64)
+            call.step_ids = (int(step),)
+        chunk = z.shape[0] // len(cond_or_uncond)
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        options.update(cond_or_uncond=list(cond_or_uncond), sigmas=sigma[:chunk], **{STATE_KEY: call})
+        denoised = self._apply_model(x, sigma, context.to(device), options, cond_or_uncond)
+        return (x - denoised) / sigma.view(-1, 1, 1, 1)
+
+    def _apply_model(
+        self, x: Tensor, sigma: Tensor, context: Tensor, options: dict[str, Any],
+        cond_or_uncond: list[int],
+    ) -> Tensor:
+        """``apply_model`` (through the MODEL's unet function wrapper if one is set) → x̂₀."""
+        base = self.patcher.model
+        kwargs = {"c_crossattn": context, "transformer_options": options}
+        wrapper = self.patcher.model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            args = {"input": x, "timestep": sigma, "c": kwargs, "cond_or_uncond": cond_or_uncond}
+            return wrapper(base.apply_model, args)
+        return base.apply_model(x, sigma, **kwargs)
