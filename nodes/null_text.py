@@ -10,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..nti_core.hosts.comfy import autograd, check_interrupt
 from ..nti_core.null_text import (
+    NULL_TEXT_METHODS,
     NullTextOptions,
     check_trajectory_model,
     direct_inversion,
@@ -32,8 +33,8 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ["null-text", "null-text-fast", "direct", "negative-prompt"]
-OPTIMISED = ("null-text", "null-text-fast")
+METHODS = [*NULL_TEXT_METHODS, "direct", "negative-prompt"]
+OPTIMISED = NULL_TEXT_METHODS
 
 
 class NTINullTextOptimize(io.ComfyNode):

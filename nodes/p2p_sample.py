@@ -99,7 +99,7 @@ class NTIP2PSample(io.ComfyNode):
         controller = plan.spec.build(sd1_tokenizer(), trajectory.num_steps,  # the real N now
                                      keep_step_maps=maps_wanted,  # else only what edits read
                                      latent_hw=tuple(trajectory.latents.shape[-2:]))
-        if abs(guidance - uncond.guidance) > 1e-6 and uncond.method != "direct":
+        if abs(guidance - uncond.guidance) > 1e-6 and not uncond.direct:
             log.warning("[NTI] sampling at guidance %g with ∅ made for %g (%s): the "
                         "reconstruction will not match the photo exactly", guidance,
                         uncond.guidance, uncond.method)

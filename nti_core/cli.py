@@ -21,7 +21,7 @@ import torch
 
 from .attention.plan import EDIT_MODES, SELF_LIMITS, P2PSpec
 from .editing import METHODS, OPTIMISED
-from .null_text import NullTextOptions
+from .null_text import NULL_TEXT_METHODS, NullTextOptions
 from .progress import Progress
 from .schedule import GRID_KINDS
 from .style import StyleOptions
@@ -111,7 +111,7 @@ def _check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {v}")
     if getattr(a, "attention_loss", 0.0) < 0:
         raise ValueError(f"--attention-loss must be ≥ 0, got {a.attention_loss}")
-    if getattr(a, "attention_loss", 0.0) > 0 and a.method not in ("null-text", "null-text-fast"):
+    if getattr(a, "attention_loss", 0.0) > 0 and a.method not in NULL_TEXT_METHODS:
         raise ValueError(f"--attention-loss applies to --method null-text or null-text-fast, not "
                          f"{a.method}")
     if getattr(a, "direct", False) and a.method != "styled":

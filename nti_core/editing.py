@@ -14,6 +14,7 @@ from .attention.plan import P2PSpec
 from .hosts.diffusers_models import SD1Model
 from .inversion import ddim_invert
 from .null_text import (
+    NULL_TEXT_METHODS,
     NullTextOptions,
     direct_inversion,
     negative_prompt_inversion,
@@ -76,7 +77,7 @@ def invert(
     if direct and method != "styled":
         raise ValueError(f"direct=True composes Direct Inversion with method 'styled'; for "
                          f"{method!r} use method 'direct'")
-    nti = method in ("null-text", "null-text-fast")
+    nti = method in NULL_TEXT_METHODS
     record = ((nti and options.attention_weight > 0)
               or (method == "styled" and style.attention_weight > 0))
     traj = ddim_invert(model.denoiser, z0, cond, g, source, record_maps=record, progress=progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from .trajectory import Trajectory, UncondEmbeddings, stack
 from .validate import check_context
 
 UNCOND_ROW = Rows.make([False], [0])  # the ∅ pass, labelled as such for the map recorder
+NULL_TEXT_METHODS = ("null-text", "null-text-fast")  # the optimising ones (NullTextOptions.method)
 
 
 @dataclass(frozen=True)
@@ -246,8 +247,7 @@ def direct_inversion(traj: Trajectory, null_embedding: Tensor,
                      guidance: float = 7.5) -> UncondEmbeddings:
     """Direct Inversion (Ju et al. 2024, "PnP Inversion"): no optimisation; ∅ = "" at every
     step, and ``p2p_sample`` puts the source row back on the pivot after every step."""
-    emb = null_embedding.detach().expand(traj.num_steps, -1, -1).clone()
-    return UncondEmbeddings(embeddings=emb, method="direct", guidance=guidance)
+    return replace(plain_null(traj, null_embedding, guidance), method="direct")
 
 
 def plain_null(traj: Trajectory, null_embedding: Tensor, guidance: float = 7.5) -> UncondEmbeddings:

@@ -31,7 +31,7 @@ def p2p_sample(
     [∅_i × S | contexts] (branch-labelled), ε = ε_∅ + w(ε_c − ε_∅), DDIM, then
     ``controller.after_step`` (LocalBlend). ``guidance`` defaults to the one ∅ was optimised for.
 
-    Direct Inversion (``uncond.method == "direct"``, PnP Inversion, Ju et al. 2024): after each
+    Direct Inversion (``uncond.direct``, PnP Inversion, Ju et al. 2024): after each
     step's DDIM update and before ``after_step``, the source row is put back on the pivot,
     z_0 ← z*_{N−1−i}; targets are untouched. The official code adds offset_i = z*_{N−1−i} −
     DDIM(z*_{N−i}, ε) computed in a pass of its own; that pass sees the same input, prompts and
@@ -57,7 +57,6 @@ def p2p_sample(
                              f"prompt embeddings {tuple(contexts.shape[1:])}")
     w = uncond.guidance if guidance is None else guidance
     s, n = contexts.shape[0], traj.num_steps
-    direct = uncond.method == "direct"
     grid = traj.grid
     rows = Rows.cfg(s, device=contexts.device)
     z = traj.z_T.expand(s, -1, -1, -1).clone()
@@ -76,7 +75,7 @@ def p2p_sample(
         )
         eps_u, eps_c = eps.chunk(2)
         z = sample_step(grid, i, z, eps_u + w * (eps_c - eps_u))
-        if direct:
+        if uncond.direct:
             z[0] = traj.latents[n - 1 - i].to(z)
         if controller is not None:
             z = controller.after_step(i, z)

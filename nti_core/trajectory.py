@@ -85,6 +85,11 @@ class UncondEmbeddings:
     def num_steps(self) -> int:
         return int(self.embeddings.shape[0])
 
+    @property
+    def direct(self) -> bool:
+        """Direct Inversion: the sampler keeps the source row on the pivot."""
+        return self.method == "direct"
+
     def at(self, i: int) -> Tensor:
         """∅_i as [1, L, D]."""
         return self.embeddings[i : i + 1]

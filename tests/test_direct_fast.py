@@ -14,6 +14,7 @@ from core_support import PHOTOS, demo_model, demo_null_text, demo_pivot
 
 from nti_core import NullTextOptions, null_text_optimize, p2p_sample
 from nti_core.attention.plan import P2PSpec
+from nti_core.hosts.base import Rows
 from nti_core.null_text import direct_inversion, negative_prompt_inversion, plain_null
 from nti_core.schedule import sample_step
 from nti_core.tokenizer import from_hf
@@ -39,8 +40,6 @@ def official_direct_edit(m, traj, null, contexts, controller, w=7.5):
             offsets.append(traj.latents[n - 1 - i : n - i] - rec)
             cur = rec + offsets[-1]
         s = contexts.shape[0]
-        from nti_core.hosts.base import Rows
-
         z = traj.z_T.expand(s, -1, -1, -1).clone()
         for i in range(n):
             eps = m.denoiser.eps(torch.cat([z, z]), grid.timesteps[i],
