@@ -75,8 +75,9 @@ class NTIAttentionMaps(io.ComfyNode):
                              tooltip="0 = the source prompt; k = the k-th target prompt."),
                 io.Combo.Input("sizes", options=list(SIZE_CHOICES), default="1/4",
                                tooltip="Map sizes averaged, as a fraction of the latent side "
-                               "('1/4' = 16×16 at 512², what LocalBlend reads; 'all' = every "
-                               "stored size up to 32×32, upsampled to the largest)."),
+                               "('1/4' = 16×16 for SD 1.x at 512², 32×32 for SDXL at 1024², "
+                               "what LocalBlend reads; 'all' = every stored size up to 32×32, "
+                               "upsampled to the largest)."),
                 io.Float.Input("step_start", default=0.0, **frac,
                                tooltip="First step averaged (fraction; 0 = noisiest)."),
                 io.Float.Input("step_end", default=1.0, **frac,

@@ -1,4 +1,4 @@
-"""What several nodes share: prompt encoding with checks, the SD1 tokenizer, the denoiser,
+"""What several nodes share: prompt encoding per family with checks, the CLIP tokenizer, the denoiser,
 progress with interruption, device moves of the typed values, LATENT in/out.
 
 Only ComfyUI and ``nti_core`` are imported; nothing here keeps state between runs (the
@@ -18,7 +18,7 @@ import comfy.utils
 import torch
 from torch import Tensor
 
-from ..nti_core.hosts.comfy import ComfyDenoiser, check_interrupt
+from ..nti_core.hosts.comfy import ComfyDenoiser, check_interrupt, check_pair, clip_family
 from ..nti_core.progress import Progress
 from ..nti_core.tokenizer import HFTokenizer, sd1_clip_tokenizer
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings
@@ -27,66 +27,78 @@ from ..nti_core.validate import check_prompt
 log = logging.getLogger(__name__)
 
 CATEGORY = "NTI Photo Edit"
-LATENT_CHANNELS = 4  # SD 1.x
+LATENT_CHANNELS = 4  # SD 1.x, SD 2.x and SDXL
 
 
 def sd1_tokenizer() -> HFTokenizer:
-    """SD 1.x CLIP tokenizer from the vocabulary beside the running ComfyUI's ``comfy.sd1_clip``
+    """The CLIP BPE tokenizer (SD 1.x's; SD 2.x's and SDXL's encoders use the same vocabulary)
+    from the vocabulary beside the running ComfyUI's ``comfy.sd1_clip``
     (``comfy`` is a namespace package: it has no ``__file__``)."""
     return sd1_clip_tokenizer(Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer")
 
 
 def clip_tokens(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt") -> dict:
-    """``clip.tokenize(text)``, refused unless it is plain SD 1.x text the tokenizer agrees on.
+    """``clip.tokenize(text)``, refused unless every text encoder of the CLIP's family sees plain
+    text at the positions the CLIP tokenizer gives (SDXL: CLIP-L and CLIP-G, same vocabulary,
+    different padding — the words must sit at the same positions for both).
 
-    Prompt Prompt-to-Prompt finds words by their token positions: ComfyUI's weighting syntax
+    Prompt-to-Prompt finds words by their token positions: ComfyUI's weighting syntax
     ``(word:1.2)`` and ``embedding:`` names shift or replace tokens, so they are refused here
     (use the edit plan's reweight instead).
     """
+    family = clip_family(clip)
     tokens = clip.tokenize(text)
-    if set(tokens) != {"l"}:
-        raise ValueError(f"needs an SD 1.x CLIP (CLIP-L only), got text encoders {sorted(tokens)}")
-    chunks = tokens["l"]
-    if len(chunks) != 1:
-        raise ValueError(f"the {what} needs more than {tok.max_length} tokens: shorten it "
-                         f"({text[:60]!r}…)")
-    pairs = chunks[0]
-    if any(not isinstance(p[0], int) for p in pairs):
-        raise ValueError(f"the {what} uses a textual-inversion embedding: not supported here, "
-                         "write plain words")
-    if any(p[1] != 1.0 for p in pairs):
-        raise ValueError(f"the {what} uses ComfyUI's weighting syntax '(word:1.2)': not supported "
-                         f"here, write plain words (and use the edit plan's reweight) — {text!r}")
     body = tok.encode(text)
-    ids = [int(p[0]) for p in pairs]
-    if ids[: len(body) + 2] != [tok.bos, *body, tok.eos]:
-        raise ValueError(f"ComfyUI's CLIP tokenises the {what} {text!r} differently from the SD1 "
-                         "tokenizer: plain text without '(' ')' escapes is needed")
+    for key in family.encoders:
+        chunks = tokens[key]
+        if len(chunks) != 1:
+            raise ValueError(f"the {what} needs more than {tok.max_length} tokens: shorten it "
+                             f"({text[:60]!r}…)")
+        pairs = chunks[0]
+        if any(not isinstance(p[0], int) for p in pairs):
+            raise ValueError(f"the {what} uses a textual-inversion embedding: not supported "
+                             "here, write plain words")
+        if any(p[1] != 1.0 for p in pairs):
+            raise ValueError(f"the {what} uses ComfyUI's weighting syntax '(word:1.2)': not "
+                             "supported here, write plain words (and use the edit plan's "
+                             f"reweight) — {text!r}")
+        ids = [int(p[0]) for p in pairs]
+        if ids[: len(body) + 2] != [tok.bos, *body, tok.eos]:
+            raise ValueError(f"ComfyUI's CLIP ({key}) tokenises the {what} {text!r} differently "
+                             "from the CLIP tokenizer, so word positions would not agree: plain "
+                             "text without '(' ')' escapes is needed")
     return tokens
 
 
 def encode_prompt(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt") -> Tensor:
-    """A checked prompt → CLIP's embedding [1, 77, 768] (ComfyUI's intermediate device)."""
+    """A checked prompt → the family's embedding [1, 77, D] (SDXL: [1, 78, 2048], the pooled
+    vector as the last row; ``nti_core.family``), on ComfyUI's intermediate device."""
     text = check_prompt(text, what)
-    cond = clip.encode_from_tokens(clip_tokens(clip, text, tok, what))
-    return _check_embedding(cond, what)
+    return _embedding(clip, clip_tokens(clip, text, tok, what), what)
 
 
 def encode_empty(clip: Any) -> Tensor:
-    """CLIP's embedding of "" [1, 77, 768]: the null text ∅ before optimisation."""
-    return _check_embedding(clip.encode_from_tokens(clip.tokenize("")), "empty prompt")
+    """The CLIP's embedding of "" (SDXL: token states and pooled vector, as ComfyUI encodes an
+    empty negative prompt — not zeros): the null text ∅ before optimisation."""
+    return _embedding(clip, clip.tokenize(""), "empty prompt")
 
 
-def _check_embedding(cond: Tensor, what: str) -> Tensor:
-    if cond.ndim != 3 or cond.shape[0] != 1 or cond.shape[1] != 77:
-        raise ValueError(f"the {what} encodes to {tuple(cond.shape)}, expected [1, 77, 768] "
-                         "from an SD 1.x CLIP")
-    return cond
+def _embedding(clip: Any, tokens: dict, what: str) -> Tensor:
+    family = clip_family(clip)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    if cond.ndim != 3 or cond.shape[0] != 1:
+        raise ValueError(f"the {what} encodes to {tuple(cond.shape)}, expected [1, 77, "
+                         f"{family.context_dim}] from a {family.name} CLIP")
+    return family.pack(cond, pooled if family.pooled_dim else None)
 
 
-def make_denoiser(model: Any, for_grad: bool = False) -> ComfyDenoiser:
-    """The ``nti_core`` denoiser on a hooked clone of ``model`` (the input MODEL is untouched)."""
-    return ComfyDenoiser(model, for_grad=for_grad)
+def make_denoiser(model: Any, for_grad: bool = False, clip: Any = None) -> ComfyDenoiser:
+    """The ``nti_core`` denoiser on a hooked clone of ``model`` (the input MODEL is untouched);
+    with ``clip``, refuse a CLIP of another family first."""
+    den = ComfyDenoiser(model, for_grad=for_grad)
+    if clip is not None:
+        check_pair(den.family, clip)
+    return den
 
 
 def progress_bar(total: int) -> Progress:
@@ -136,7 +148,8 @@ def uncond_to(uncond: UncondEmbeddings, device: torch.device | str) -> UncondEmb
 
 
 def latent_in(model: Any, latent: dict, device: torch.device) -> Tensor:
-    """LATENT (raw VAE latents) of one image → z₀ [1, 4, h, w] in the model's scale (×0.18215)."""
+    """LATENT (raw VAE latents) of one image → z₀ [1, 4, h, w] in the model's scale (SD 1.x / 2.x
+    ×0.18215, SDXL ×0.13025: ComfyUI's latent format of the MODEL)."""
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"expected an image latent [B, 4, h, w], got shape {tuple(samples.shape)}")
@@ -144,7 +157,7 @@ def latent_in(model: Any, latent: dict, device: torch.device) -> Tensor:
         raise ValueError(f"DDIM Invert takes one image, got a batch of {samples.shape[0]} latents: "
                          "pick one (e.g. with 'Latent From Batch') and invert each on its own")
     if samples.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"expected an SD 1.x latent with {LATENT_CHANNELS} channels, got "
+        raise ValueError(f"expected an SD-family latent with {LATENT_CHANNELS} channels, got "
                          f"{samples.shape[1]}: encode the image with the checkpoint's own VAE")
     if "noise_mask" in latent:
         log.warning("[NTI] the latent's noise mask is ignored: inversion edits the whole image")

@@ -39,7 +39,8 @@ class NTIDDIMInvert(io.ComfyNode):
             "guidance 1 under the source prompt: the pivot trajectory z*_0 … z*_T that "
             "Null-text optimisation and Prompt-to-Prompt sampling start from.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x checkpoint's MODEL (ε-prediction)."),
+                io.Model.Input("model", tooltip="An SD 1.x, SD 2.x or SDXL MODEL (ε- or v-prediction; "
+                               "Flux, SD3 and video models are refused)."),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP: encodes the source "
                               "prompt."),
                 io.Latent.Input("latent", tooltip="One image encoded by the checkpoint's VAE "
@@ -58,7 +59,8 @@ class NTIDDIMInvert(io.ComfyNode):
                                "scheduler (the same 981…1 for 50 steps, ends at σ = 0)."),
                 io.Boolean.Input("record_maps", default=False,
                                  tooltip="Keep the source prompt's cross-attention maps at a "
-                                 "quarter of the latent side (16×16 at 512²) for every step, "
+                                 "quarter of the latent side (16×16 for SD 1.x at 512², 32×32 "
+                                 "for SDXL at 1024²) for every step, "
                                  "with the trajectory: needed by Null-Text Optimize's "
                                  "attention_loss (SD 1.x at 512², 50 steps: ~160 MB)."),
             ],
@@ -86,8 +88,8 @@ class NTIDDIMInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, latent, source_prompt: str, steps: int,
                 grid: str, record_maps: bool = False) -> io.NodeOutput:
-        den = make_denoiser(model)
-        z0 = latent_in(model, latent, den.device)  # one SD1 image, else a clear error first
+        den = make_denoiser(model, clip=clip)
+        z0 = latent_in(model, latent, den.device)  # one image, else a clear error first
         cond = encode_prompt(clip, source_prompt, sd1_tokenizer(), "source prompt")
         g = make_grid(den.alphas_cumprod, steps, grid)  # type: ignore[arg-type]
         tick = progress_bar(2 * g.num_steps)

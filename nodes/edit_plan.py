@@ -92,7 +92,7 @@ def spec_from_inputs(source_prompt: str, target_prompts: str, edit_kind: str, cr
 
 
 def check_plan(spec: P2PSpec, num_steps: int = VALIDATION_STEPS) -> None:
-    """Tokenise, align and schedule with the SD1 tokenizer; ValueError says what is wrong."""
+    """Tokenise, align and schedule with the CLIP tokenizer (every family's vocabulary); ValueError says what is wrong."""
     build_p2p(sd1_tokenizer(), spec, num_steps)
 
 

@@ -98,8 +98,9 @@ class NTILoadInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion: str) -> io.NodeOutput:
         path = resolve(inversion)
-        traj, uncond, values = load_inversion_all(path,
-                                                  fingerprint=make_denoiser(model).fingerprint())
+        den = make_denoiser(model)
+        traj, uncond, values = load_inversion_all(path, fingerprint=den.fingerprint(),
+                                                  family=den.family)
         if uncond is None:
             raise ValueError(f"{inversion} holds a trajectory but no ∅: run Null-Text Optimize "
                              "(NTI) on it")

@@ -96,7 +96,7 @@ class NTINullTextOptimize(io.ComfyNode):
             raise ValueError(f"attention_loss applies to methods {OPTIMISED}, not {method!r}: "
                              "set it to 0 or switch the method")
         require_maps(trajectory, attention_loss)
-        den = make_denoiser(model, for_grad=method in OPTIMISED)
+        den = make_denoiser(model, for_grad=method in OPTIMISED, clip=clip)
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
         if method in OPTIMISED:
             options = NullTextOptions(guidance=guidance, inner_steps=inner_steps,

@@ -101,7 +101,7 @@ class NTIStyleInvert(io.ComfyNode):
         options = StyleOptions(guidance=guidance, inner_steps=inner_steps,
                                attention_weight=attention_loss, variant=variant)  # type: ignore[arg-type]
         require_maps(trajectory, attention_loss)
-        den = make_denoiser(model, for_grad=True)
+        den = make_denoiser(model, for_grad=True, clip=clip)
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
         tokens, encoder = vision_tokens(clip_vision, image)
         null = encode_empty(clip)

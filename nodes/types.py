@@ -23,8 +23,9 @@ Values = io.Custom("NTI_VALUES")  # nti_core.trajectory.ValueEmbeddings (StyleDi
 class EditPlan:
     """A Prompt-to-Prompt edit ready to sample: the user's spec and CLIP's prompt embeddings.
 
-    targets [K, 77, 768] (one row per target prompt); source_embedding [1, 77, 768] is the same
-    CLIP's encoding of ``spec.source``, compared with the inversion's to catch another CLIP.
+    targets [K, 77, D] (SDXL [K, 78, 2048]: ``nti_core.family``; one row per target prompt);
+    source_embedding [1, 77, D] is the same CLIP's encoding of ``spec.source``, compared with
+    the inversion's to catch another CLIP.
     The controller is built at sampling time, when the number of steps is known.
     """
 

@@ -813,3 +813,26 @@ def test_image_not_multiple_of_8_is_cropped_by_vae_encode(
     assert decoded.shape == (1, 96, 96, 3)
     schema = N["NTIDDIMInvert"].GET_SCHEMA()
     assert "multiple of 8" in next(i for i in schema.inputs if i.id == "latent").tooltip
+
+
+class TwoEncoderClip:
+    """A stand-in SDXL CLIP whose CLIP-G tokenizer puts the words one position later."""
+
+    def __init__(self, real_ids: list[int]) -> None:
+        self.ids = real_ids
+
+    def tokenize(self, text: str) -> dict:
+        pad = [(0, 1.0)] * (77 - len(self.ids))
+        return {"l": [[(i, 1.0) for i in self.ids] + pad],
+                "g": [[(self.ids[0], 1.0), (320, 1.0)] + [(i, 1.0) for i in self.ids[1:]]
+                      + pad[1:]]}
+
+
+def test_sdxl_word_positions_must_agree_for_both_encoders(pack: ModuleType) -> None:
+    """SDXL's two tokenizers share the vocabulary; a prompt they place differently is refused."""
+    common = sub("nodes.common")
+    tok = common.sd1_tokenizer()
+    text = "a cat sitting next to a mirror"
+    clip = TwoEncoderClip([tok.bos, *tok.encode(text), tok.eos])
+    with pytest.raises(ValueError, match=r"CLIP \(g\) tokenises the prompt .* word positions"):
+        common.clip_tokens(clip, text, tok)

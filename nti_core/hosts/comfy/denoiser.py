@@ -1,5 +1,7 @@
 """``ComfyDenoiser``: the ``Denoiser`` protocol over a ComfyUI MODEL — z ↔ σ-space, ε from
-ComfyUI's denoised output, rows sent as ComfyUI's chunks, the per-call state for the hooks."""
+ComfyUI's denoised output (whatever the model predicts: ε or v), the family's text conditioning
+(SDXL: pooled vector + size conditioning), rows sent as ComfyUI's chunks, the per-call state for
+the hooks."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..base import Controller, Rows, Site, model_fingerprint, value_rows
-from .family import check_sd1
+from .family import detect
 from .grad import (
     _has_inference_weights,
     _identity,
@@ -34,7 +36,13 @@ def check_interrupt() -> None:
 
 
 class ComfyDenoiser:
-    """``Denoiser`` over a ComfyUI MODEL (SD 1.x, ε-prediction); see ``nti_core.hosts.comfy``.
+    """``Denoiser`` over a ComfyUI MODEL of a supported family (``family``: SD 1.x, SD 2.x, SDXL;
+    ε or v); see ``nti_core.hosts.comfy``.
+
+    Contexts are the family's embeddings (``Family.pack``): for SDXL the pooled row is split off
+    and, with the size conditioning of the latent's own size (original = target = 8× the latent,
+    crop 0, as ComfyUI's CLIPTextEncode sets it), becomes the UNet's vector input ``y`` — the
+    same size conditioning for every row.
 
     ``for_grad`` prepares a clone whose forward can be differentiated although ComfyUI built the
     weights under inference mode (fp32 compute; each weight is copied per call, so the backward
@@ -43,7 +51,7 @@ class ComfyDenoiser:
     """
 
     def __init__(self, model: Any, *, for_grad: bool = False, separate_calls: bool = False):
-        check_sd1(model)
+        self.family = detect(model)
         self.source = model
         self.for_grad = for_grad
         self.separate_calls = separate_calls
@@ -118,7 +126,8 @@ class ComfyDenoiser:
         controller: Controller | None = None,
         value_context: Tensor | None = None,
     ) -> Tensor:
-        """z [B, 4, h, w] (z_t, ×0.18215), context [B, L, D] → ε [B, 4, h, w] in z's dtype/device.
+        """z [B, 4, h, w] (z_t, model scale), context [B, 77 (+1), D] → ε [B, 4, h, w] in z's
+        dtype/device.
 
         ``rows`` (default: all conditional, slots 0…B−1) must come in chunks of one branch with
         slots 0, 1, …; ``value_context`` [B, L, D] feeds the values of the conditional rows'
@@ -156,6 +165,7 @@ class ComfyDenoiser:
                 f"expected z [B, 4, h, w] and context [B, L, D] with the same B, got "
                 f"{tuple(z.shape)} and {tuple(context.shape)}"
             )
+        self.family.check(context, "text embedding")
         if value_context is not None and value_context.shape != context.shape:
             raise ValueError(
                 f"value_context {tuple(value_context.shape)} must match context "
@@ -186,6 +196,9 @@ class ComfyDenoiser:
         sig = self.sigma(t)
         sigma = torch.full((z.shape[0],), sig, dtype=torch.float32, device=device)
         x = z.to(device=device, dtype=torch.float32) * math.sqrt(1.0 + sig * sig)  # z/√ᾱ_t
+        context, pooled = self.family.unpack(context.to(device))
+        if values is not None:
+            values = self.family.unpack(values)[0]
         call = CallState(controller=controller, value=values)
         if step is not None:
             call.step_sigmas = torch.tensor([sig], dtype=torch.float64)
@@ -193,16 +206,25 @@ class ComfyDenoiser:
         chunk = z.shape[0] // len(cond_or_uncond)
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options.update(cond_or_uncond=list(cond_or_uncond), sigmas=sigma[:chunk], **{STATE_KEY: call})
-        denoised = self._apply_model(x, sigma, context.to(device), options, cond_or_uncond)
+        extra = {} if pooled is None else {"y": self._vector(pooled, z.shape[-2:])}
+        denoised = self._apply_model(x, sigma, context, options, cond_or_uncond, extra)
         return (x - denoised) / sigma.view(-1, 1, 1, 1)
+
+    def _vector(self, pooled: Tensor, latent_hw: torch.Size) -> Tensor:
+        """SDXL's vector input y = [pooled | size embeddings]: ComfyUI's ``encode_adm`` with the
+        image's own size as original and target size, crop (0, 0) — the same for every row."""
+        h, w = (int(n) * 8 for n in latent_hw)
+        y = self.patcher.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0,
+                                          crop_h=0, target_width=w, target_height=h)
+        return y.to(pooled.device)
 
     def _apply_model(
         self, x: Tensor, sigma: Tensor, context: Tensor, options: dict[str, Any],
-        cond_or_uncond: list[int],
+        cond_or_uncond: list[int], extra: dict[str, Tensor],
     ) -> Tensor:
         """``apply_model`` (through the MODEL's unet function wrapper if one is set) → x̂₀."""
         base = self.patcher.model
-        kwargs = {"c_crossattn": context, "transformer_options": options}
+        kwargs = {"c_crossattn": context, "transformer_options": options, **extra}
         wrapper = self.patcher.model_options.get("model_function_wrapper")
         if wrapper is not None:
             args = {"input": x, "timestep": sigma, "c": kwargs, "cond_or_uncond": cond_or_uncond}

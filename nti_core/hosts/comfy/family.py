@@ -1,26 +1,98 @@
-"""Which ComfyUI models this host runs (SD 1.x-shaped, ε-prediction, discrete schedule)."""
+"""Which ComfyUI models this host runs: the ``Family`` of a MODEL (and of a CLIP), or a clear
+refusal. Read off the objects ComfyUI built, never off names:
+
+- the UNet must be ComfyUI's ``UNetModel`` (Flux, SD3, video and other DiT models are not);
+- the model class says SDXL (``model_base.SDXL``) or plain SD (``BaseModel``: SD 1.x by a 768-wide
+  text context, SD 2.x by 1024); refiner, unCLIP, upscaler, cascade, inpainting are refused;
+- the prediction type and the schedule come from the *patched* ``model_sampling`` object, so a
+  ``ModelSamplingDiscrete`` node that switches a model to v-prediction or zero-terminal-SNR is
+  honoured: ε- or v-prediction on a discrete 1000-step schedule, nothing else (no EDM, flow, x0,
+  LCM's 50-step distilled schedule).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ...family import SD1, SD2, SDXL, SUPPORTED, Family
 from .hooks import transformer_keys
 
 
-def check_sd1(model: Any) -> None:
-    """Refuse what this host cannot run: it needs an ε-prediction discrete-schedule UNet."""
-    import comfy.model_base
-    import comfy.model_sampling
+def refuse(what: str) -> ValueError:
+    return ValueError(f"{what}; this pack supports {SUPPORTED}")
+
+
+def detect(model: Any) -> Family:
+    """The family of a ComfyUI MODEL (``ModelPatcher``), with its prediction type and schedule."""
+    import comfy.model_base as mb
+    import comfy.model_sampling as ms
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     base = model.model
-    if base.model_type != comfy.model_base.ModelType.EPS:
-        raise ValueError(f"needs an ε-prediction (SD 1.x) model, got {base.model_type.name}")
-    if base.adm_channels or base.concat_keys:
-        raise ValueError(
-            "needs a plain SD 1.x text-to-image UNet: this one also takes "
-            + ("pooled/size conditioning (SDXL-style)" if base.adm_channels else "inpainting inputs")
-        )
+    unet = model.get_model_object("diffusion_model")
+    kind = type(base).__name__
+    if not isinstance(unet, UNetModel):
+        raise refuse(f"this MODEL is a {kind} ({type(unet).__name__}), not an SD-style UNet")
+    if base.concat_keys or unet.in_channels != 4:
+        raise refuse(f"this {kind} takes extra image inputs ({unet.in_channels} input channels: "
+                     "an inpainting or instruct model)")
+    if type(base) is mb.SDXL:
+        family = SDXL
+    elif type(base) is mb.BaseModel and not base.adm_channels:
+        by_width = {SD1.context_dim: SD1, SD2.context_dim: SD2}
+        family = by_width.get(_context_dim(unet))
+        if family is None:
+            raise refuse(f"a UNet with {_context_dim(unet)}-wide text context is neither SD 1.x "
+                         "(768) nor SD 2.x (1024)")
+    else:
+        raise refuse(f"this MODEL is a {kind} (refiner, unCLIP, upscaler, video or cascade model)")
+    if _context_dim(unet) != family.context_dim:
+        raise refuse(f"this {family.name} UNet reads a {_context_dim(unet)}-wide text context, "
+                     f"expected {family.context_dim}")
     sampling = model.get_model_object("model_sampling")
-    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        raise ValueError(f"needs a discrete 1000-step schedule, got {type(sampling).__name__}")
+    if not isinstance(sampling, ms.ModelSamplingDiscrete) or isinstance(
+        sampling, (ms.ModelSamplingDiscreteEDM, ms.StableCascadeSampling)
+    ):
+        raise refuse(f"needs a discrete 1000-step schedule, got {type(sampling).__name__}")
+    if len(sampling.sigmas) != 1000:
+        raise refuse(f"needs the 1000-step training schedule, got {len(sampling.sigmas)} steps "
+                     "(a distilled schedule such as LCM's)")
+    if isinstance(sampling, (ms.EDM, ms.X0)) or not isinstance(sampling, ms.EPS):
+        raise refuse(f"needs ε- or v-prediction, got {_prediction_name(sampling)}")
+    prediction = "v" if isinstance(sampling, ms.V_PREDICTION) else "eps"
     transformer_keys(model)
+    return family.with_schedule(prediction, bool(getattr(sampling, "zsnr", False)))
+
+
+def _context_dim(unet: Any) -> int:
+    """Width of the text context the UNet's cross-attention reads (its first attn2.to_k input)."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            return int(module.in_features)
+    raise ValueError("the UNet has no cross-attention: nothing to edit with text")
+
+
+def _prediction_name(sampling: Any) -> str:
+    for cls in type(sampling).__mro__:
+        if cls.__module__.endswith("model_sampling") and cls.__name__ in (
+                "EPS", "V_PREDICTION", "EDM", "CONST", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
+            return cls.__name__
+    return type(sampling).__name__
+
+
+def clip_family(clip: Any) -> Family:
+    """The family a ComfyUI CLIP encodes for, from its tokenizers: {"l"} SD 1.x, {"h"} SD 2.x,
+    {"l", "g"} SDXL; anything else (SDXL refiner's "g" alone, T5, …) is refused."""
+    keys = sorted(clip.tokenize("a").keys())
+    for family in (SD1, SD2, SDXL):
+        if keys == sorted(family.encoders):
+            return family
+    raise refuse(f"the CLIP has text encoders {keys}, which no supported family uses")
+
+
+def check_pair(family: Family, clip: Any) -> None:
+    """Refuse a CLIP of another family than the MODEL's (e.g. an SD 1.x CLIP with SDXL)."""
+    other = clip_family(clip)
+    if other.key != family.key:
+        raise ValueError(f"the CLIP is {other.name}'s but the MODEL is {family.name}: load the "
+                         "CLIP of the same checkpoint")
