@@ -1,5 +1,5 @@
-"""Command line: ``python -m nti_core edit …`` on a user's SD 1.x model, ``… demo`` on the built-in
-demo model (trained by this project on photos that ship with it; no download).
+"""Command line: ``python -m nti_core edit …`` on a user's SD 1.x, SD 2.x or SDXL model, ``… demo``
+on the built-in demo model (trained by this project on photos that ship with it; no download).
 
 Progress goes to stderr: a numbered line when each phase starts and ends (also when the output
 is piped or logged), a progress bar on a terminal. Errors print as one line (``error: …``) with
@@ -133,7 +133,7 @@ def _spec_from_args(a: argparse.Namespace) -> P2PSpec:
 
 def cmd_edit(a: argparse.Namespace) -> dict:
     from .editing import build_controller, edit, invert
-    from .images import contact_sheet, load_image, save_png
+    from .images import contact_sheet, load_image, psnr, save_png
     from .schedule import make_grid, scaled_linear_alphas_cumprod
     from .tokenizer import from_hf, sd1_clip_tokenizer
     from .validate import check_prompt
@@ -146,7 +146,7 @@ def cmd_edit(a: argparse.Namespace) -> dict:
     for t in a.target:
         check_prompt(t, "target prompt")
     make_grid(scaled_linear_alphas_cumprod(), a.steps, a.grid)  # step count fits the grid
-    image = load_image(a.image, a.size)  # all cheap checks first, the plan with SD1's vocabulary
+    image = load_image(a.image, a.size)  # all cheap checks first, the plan with CLIP's vocabulary
     try:
         tok = sd1_clip_tokenizer()
     except FileNotFoundError:
@@ -165,9 +165,10 @@ def cmd_edit(a: argparse.Namespace) -> dict:
         dtype = "fp32"
     phases = Phases(3)
     with phases(f"load {a.model}"):
-        from .hosts.diffusers_models import load_sd1
+        from .hosts.diffusers_models import load_model
 
-        model = load_sd1(a.model, a.device, dtype)
+        model = load_model(a.model, a.device, dtype)
+        log.info("model: %s", model.family.label)
         z0 = model.encode_image(image)
         controller = build_controller(model, spec, _grid_steps(a, model),
                                       keep_step_maps=not a.no_attention_maps,
@@ -191,6 +192,8 @@ def cmd_edit(a: argparse.Namespace) -> dict:
                        progress=tick)
     out = Path(a.out)
     images = model.decode(latents)
+    reconstruction = {"latent_mse": float(torch.nn.functional.mse_loss(latents[:1], z0)),
+                      "psnr_db": psnr(images[:1], image)}
     paths = [str(save_png(images[:1], out / "reconstruction.png"))]
     paths += [str(save_png(images[k : k + 1], out / f"edit_{k}.png")) for k in range(1, len(images))]
     if not a.no_attention_maps:
@@ -200,7 +203,10 @@ def cmd_edit(a: argparse.Namespace) -> dict:
     tiles += [(images[k : k + 1], f"edit {k}: {t}") for k, t in enumerate(a.target, start=1)]
     sheet = contact_sheet(tiles, out / "contact_sheet.png", columns=min(len(tiles), 4),
                           title=f"source: {a.source}")
-    report = {"paths": paths, "contact_sheet": str(sheet), "uncond": inv.uncond.report(),
+    report = {"model": {"name": model.name, "family": model.family.key,
+                        "label": model.family.label},
+              "reconstruction": reconstruction,
+              "paths": paths, "contact_sheet": str(sheet), "uncond": inv.uncond.report(),
               "grid": inv.trajectory.grid.describe(), "timings": inv.timings}
     if inv.values is not None:
         report["values"] = inv.values.report()
@@ -412,12 +418,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=50, help="DDIM steps")
     d.add_argument("--size", type=int, default=256, help="square image side in pixels")
 
-    e = sub.add_parser("edit", formatter_class=fmt, help="edit a photo with a local SD 1.x model",
-                       description="Invert a photo into an SD 1.x model, optimise the null-text "
-                       "embeddings and sample Prompt-to-Prompt edits; writes the reconstruction, "
-                       "one PNG per target, contact_sheet.png and report.json.")
+    e = sub.add_parser("edit", formatter_class=fmt,
+                       help="edit a photo with a local SD 1.x, SD 2.x or SDXL model",
+                       description="Invert a photo into an SD 1.x, SD 2.x or SDXL model (ε- or "
+                       "v-prediction), optimise the null-text embeddings and sample "
+                       "Prompt-to-Prompt edits; writes the reconstruction, one PNG per target, "
+                       "contact_sheet.png and report.json (with the reconstruction's latent MSE "
+                       "and PSNR).")
     e.add_argument("--model", required=True,
-                   help="SD 1.x model: a diffusers folder or a single-file .safetensors checkpoint")
+                   help="a diffusers folder of SD 1.x, SD 2.x or SDXL (StableDiffusionPipeline / "
+                        "StableDiffusionXLPipeline), or a single-file SD 1.x .safetensors")
     e.add_argument("--image", required=True, help="the photo (centre-cropped to a square)")
     e.add_argument("--source", required=True, help="prompt describing the photo as it is")
     e.add_argument("--target", action="append", required=True,

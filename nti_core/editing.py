@@ -1,4 +1,5 @@
-"""One photo edit end to end on the diffusers host: invert, optimise ∅, sample the P2P batch."""
+"""One photo edit end to end on the diffusers host (SD 1.x, SD 2.x or SDXL): invert, optimise ∅,
+sample the P2P batch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .attention.edits import P2PController
 from .attention.plan import P2PSpec
-from .hosts.diffusers_models import SD1Model
+from .hosts.diffusers_models import SDModel
 from .inversion import ddim_invert
 from .null_text import (
     NULL_TEXT_METHODS,
@@ -46,7 +47,7 @@ class Inversion:
 
 
 def invert(
-    model: SD1Model,
+    model: SDModel,
     z0: Tensor,
     source: str,
     *,
@@ -100,7 +101,7 @@ def invert(
                      values if method == "styled" else None)
 
 
-def build_controller(model: SD1Model, spec: P2PSpec, num_steps: int,
+def build_controller(model: SDModel, spec: P2PSpec, num_steps: int,
                      keep_step_maps: bool = False,
                      latent_hw: tuple[int, int] | None = None) -> P2PController:
     """The P2P controller for ``spec`` with the model's own tokenizer (all checks happen here);
@@ -112,7 +113,7 @@ def build_controller(model: SD1Model, spec: P2PSpec, num_steps: int,
 
 
 def edit(
-    model: SD1Model,
+    model: SDModel,
     inv: Inversion,
     spec: P2PSpec,
     *,

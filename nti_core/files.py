@@ -1,7 +1,9 @@
 """Save and load an inversion (pivot trajectory + per-step ∅) as one .safetensors file.
 
 Written atomically (temporary file in the same folder, then ``os.replace``); loading checks the
-format and, given the model's fingerprint, refuses an inversion made with other weights.
+format and, given the model's family or fingerprint, refuses an inversion made with another family
+or other weights. The metadata names the family (``family``: "sd1", "sd2", "sdxl"); files written
+before it are read from their embedding's shape (all of them SD 1.x).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .family import FAMILIES, Family, for_embedding
 from .hosts.base import same_model
 from .schedule import grid_from_file
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
@@ -28,11 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings | None,
-                   values: ValueEmbeddings | None = None) -> Path:
+                   values: ValueEmbeddings | None = None, family: Family | None = None) -> Path:
     """Write ``traj`` (and ``uncond``, StyleDiffusion's ``values`` when given) to ``path``;
-    returns the path written."""
+    returns the path written. ``family``: the model's (default: the one whose embedding shape
+    ``traj.embedding`` has), named in the metadata."""
     from safetensors.torch import save_file
 
+    if family is not None:
+        family.check(traj.embedding, "source embedding")
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p.with_suffix(p.suffix + ".safetensors") if p.suffix else p.with_suffix(".safetensors")
@@ -51,6 +57,11 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
         "grid_kind": traj.grid.kind,
         "grid_alpha_end": repr(traj.grid.alpha_end),
     }
+    key = family.key if family is not None else _family_key(traj.embedding)
+    if key is not None:
+        meta["family"] = key
+    if family is not None:
+        meta["family_label"] = family.label
     if uncond is not None:
         if uncond.num_steps != traj.num_steps:
             raise ValueError(f"∅ has {uncond.num_steps} steps, the trajectory {traj.num_steps}")
@@ -87,16 +98,27 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
     return p
 
 
+def _family_key(embedding: Tensor) -> str | None:
+    """The family whose embedding shape this is, or None for a shape no family has."""
+    try:
+        return for_embedding(embedding).key
+    except ValueError:
+        return None
+
+
 def load_inversion(
-    path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu"
+    path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu",
+    family: Family | None = None,
 ) -> tuple[Trajectory, UncondEmbeddings | None]:
-    """Read a file written by :func:`save_inversion`; with ``fingerprint``, refuse other models."""
-    traj, uncond, _ = load_inversion_all(path, fingerprint, device)
+    """Read a file written by :func:`save_inversion`; with ``family`` refuse an inversion of
+    another family, with ``fingerprint`` one of other weights."""
+    traj, uncond, _ = load_inversion_all(path, fingerprint, device, family)
     return traj, uncond
 
 
 def load_inversion_all(
-    path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu"
+    path: str | Path, fingerprint: Tensor | None = None, device: torch.device | str = "cpu",
+    family: Family | None = None,
 ) -> tuple[Trajectory, UncondEmbeddings | None, ValueEmbeddings | None]:
     """Like :func:`load_inversion`, with StyleDiffusion's value embeddings (None if absent)."""
     from safetensors import safe_open
@@ -117,6 +139,11 @@ def load_inversion_all(
                           t["grid_alphas"], float(meta["grid_alpha_end"]))
     if grid.kind != meta["grid_kind"]:
         log.warning("[NTI] %s carries the grid %s", p.name, grid.describe())
+    made_with = meta.get("family") or _family_key(t["embedding"])
+    if family is not None and made_with != family.key:
+        other = FAMILIES[made_with].name if made_with in FAMILIES else f"unknown ({made_with})"
+        raise ValueError(f"{p.name} is an inversion made with an {other} model, but the model "
+                         f"connected is {family.name}: invert the image again with this model")
     maps = t["maps"].to(device) if "maps" in t else None
     traj = Trajectory(t["latents"].to(device), grid, meta["prompt"], t["embedding"].to(device),
                       t["fingerprint"], maps)

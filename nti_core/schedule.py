@@ -29,6 +29,21 @@ def scaled_linear_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """ᾱ rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", Algorithm 1; diffusers' ``rescale_zero_terminal_snr`` on the β):
+    √ᾱ' = (√ᾱ − √ᾱ_T)·√ᾱ_0 / (√ᾱ_0 − √ᾱ_T), so ᾱ'_0 = ᾱ_0 and ᾱ'_T = 0. [T] float64."""
+    root = alphas_cumprod.to(torch.float64).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    return ((root - last) * first / (first - last)) ** 2  # ᾱ'_T: exactly 0
+
+
+def eps_from_v(v: Tensor, z: Tensor, alpha_t: float) -> Tensor:
+    """ε from a v-prediction (Salimans & Ho 2022, §4: v = √ᾱ·ε − √(1−ᾱ)·x₀) at latent z_t:
+    ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t (diffusers' DDIMScheduler, ``v_prediction``'s pred_epsilon)."""
+    return math.sqrt(alpha_t) * v + math.sqrt(1.0 - alpha_t) * z
+
+
 @dataclass(frozen=True)
 class Grid:
     """Descending integer timesteps [N], their ᾱ [N] (float64) and ᾱ_end, the last step's target."""
@@ -84,6 +99,12 @@ def make_grid(alphas_cumprod: Tensor, num_steps: int, kind: GridKind = "referenc
     else:
         raise ValueError(f"grid must be one of {GRID_KINDS}, got {kind!r}")
     alphas = alphas_cumprod.to(torch.float64)[torch.tensor(ts)]
+    if not bool((alphas > 0).all()):
+        # zero-terminal-SNR schedules: ᾱ[T−1] = 0, where x̂₀ = (z − √(1−ᾱ)·ε)/√ᾱ is undefined
+        raise ValueError(f"the {kind} grid of {num_steps} steps starts at t = {ts[0]}, where this "
+                         f"model's ᾱ is 0 (zero terminal SNR): DDIM cannot step from there; use "
+                         f"a step count whose first timestep is below {total - 1} (50 steps "
+                         f"start at t = 981)")
     return Grid(kind, tuple(ts), alphas, end)
 
 

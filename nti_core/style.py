@@ -22,6 +22,11 @@ what its code runs, so they are not used.
 
 Other encoders than CLIP ViT-B/16 (197 tokens × 768): the first Conv1d takes their token count;
 a width W ≠ the text width D gets a Linear(W → D) first (not in the paper, where W = D = 768).
+
+SDXL (embeddings of 77 token states + 1 pooled row, see :mod:`nti_core.family`): M_t produces
+the values of the 77 token states, what cross-attention reads; the pooled row of c̃_t is zero
+(scale and shift padded with a zero row), as the pooled vector feeds the UNet's vector input,
+not the values.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .family import TOKENS
 from .hosts.base import Denoiser
 from .null_text import UNCOND_ROW, attention_recorder, check_trajectory_model, fit_step
 from .progress import Progress, no_progress
@@ -134,7 +140,8 @@ def style_invert(
     o = options
     recorder = attention_recorder(traj, branch=True) if o.attention_weight > 0 else None
     grid, n, cond = traj.grid, traj.num_steps, traj.embedding.float()
-    length, dim = int(cond.shape[1]), int(cond.shape[2])
+    rows, dim = int(cond.shape[1]), int(cond.shape[2])
+    length = TOKENS if rows == TOKENS + 1 else rows  # SDXL: values for the token states only
     tokens = image_tokens.detach().float().to(cond.device)
     null = null_embedding.detach().float().to(cond.device)
     with torch.random.fork_rng(devices=[]):
@@ -150,9 +157,12 @@ def style_invert(
     map_err: list[float] = []
     start = time.perf_counter()
 
+    def padded(x: Tensor) -> Tensor:  # [1, length, D] → [1, rows, D], zero rows appended
+        return x if length == rows else torch.cat([x, x.new_zeros(1, rows - length, dim)], 1)
+
     def value_of(out: Tensor) -> Tensor:
         scale, shift = net.split(out)
-        return shift if scale is None else scale * cond + shift
+        return padded(shift if scale is None else scale * cond[:, :length] + shift)
 
     for i in range(n):
         t = grid.timesteps[i]
@@ -175,6 +185,7 @@ def style_invert(
             map_err.append(fit.attention)
         with torch.no_grad():  # ε_∅ of this step is the one above (same z̄, t, ""): reused
             scale, shift = net.split(net(tokens))
+            scale, shift = None if scale is None else padded(scale), padded(shift)
             scales.append(scale.detach() if scale is not None else shift.new_zeros(0))
             shifts.append(shift.detach())
             value = shift if scale is None else scale * cond + shift

@@ -3,6 +3,11 @@
 The only module of nti_core that imports diffusers. Processors are installed with the UNet's own
 ``set_attn_processor`` (no reassigned ``forward``); without a controller they compute exactly what
 diffusers' ``AttnProcessor2_0`` computes.
+
+One UNet of a :class:`~nti_core.family.Family` (SD 1.x, SD 2.x, SDXL): the engine's embedding of a
+prompt is unpacked here into the token states the cross-attention reads and, for SDXL, the pooled
+text vector that goes with the size conditioning into ``added_cond_kwargs``; a v-prediction UNet's
+output is turned into ε, so the engine sees ε of every family.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..family import SD1, Family
+from ..schedule import eps_from_v
 from .base import Controller, Rows, Site, model_fingerprint, sdpa, value_rows
+
+VAE_FACTOR = 8  # pixels per latent cell of the SD VAEs (SD 1.x, 2.x, XL)
 
 _NAME = re.compile(
     r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])"
@@ -68,8 +77,13 @@ class _Processor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs):
-        if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError("nti_core's processor supports SD1.x transformer attention only")
+        if (attention_mask is not None or attn.spatial_norm is not None
+                or attn.group_norm is not None or attn.norm_cross is not None
+                or getattr(attn, "norm_q", None) is not None):
+            raise NotImplementedError(
+                f"nti_core's processor supports the transformer attention of SD 1.x, SD 2.x and "
+                f"SDXL UNets (no attention mask, spatial, group, cross or q/k norm); {self.site} "
+                f"has one of them")
         residual = hidden_states
         c = self.call
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -92,10 +106,20 @@ class _Processor:
 
 
 class DiffusersDenoiser:
-    """Denoiser over a diffusers UNet (ε-prediction, SD 1.x). Installs its processors on ``unet``."""
+    """Denoiser over a diffusers UNet of ``family`` (ε- or v-prediction, see ``family.prediction``).
+    Installs its processors on ``unet``.
 
-    def __init__(self, unet, alphas_cumprod: Tensor) -> None:
+    For families with a pooled text vector (SDXL) the UNet's vector conditioning is the pooled
+    vector of each row's embedding plus the size conditioning ``time_ids`` = (original h, w,
+    crop top, left, target h, w) = (H, W, 0, 0, H, W) with H, W the image size in pixels (latent
+    side × 8) — the same for every row, what diffusers' SDXL pipeline builds for an uncropped
+    image at its own size.
+    """
+
+    def __init__(self, unet, alphas_cumprod: Tensor, family: Family = SD1) -> None:
+        check_unet(unet, family)
         self.unet = unet
+        self.family = family
         self._alphas = alphas_cumprod.detach().to(torch.float64).cpu()
         self._call = _Call()
         lpb = int(unet.config.layers_per_block)
@@ -133,6 +157,7 @@ class DiffusersDenoiser:
         controller: Controller | None = None,
         value_context: Tensor | None = None,
     ) -> Tensor:
+        """z [B, 4, h, w], context [B, 77 (+1), D] (the family's packed embeddings) → ε."""
         b = z.shape[0]
         if context.shape[0] != b:
             raise ValueError(f"{b} latents need {b} context rows, got {context.shape[0]}")
@@ -140,14 +165,46 @@ class DiffusersDenoiser:
             rows = Rows.cond(b, device=z.device)
         if controller is not None and step is None:
             raise ValueError("a controller needs the step index")
+        tokens, pooled = self.family.unpack(context)
         vctx = value_rows(rows, context, value_context)
-        vctx = None if vctx is None else vctx.to(self.dtype)
+        if vctx is not None:  # the values read only the token states
+            vctx = self.family.unpack(vctx)[0].to(self.dtype)
+        extra = {}
+        if pooled is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.dtype),
+                                          "time_ids": size_ids(z).to(z.device, self.dtype)}
         c = self._call
         c.controller, c.rows, c.step = controller, rows, -1 if step is None else step
         c.latent_hw, c.value_context = (int(z.shape[2]), int(z.shape[3])), vctx
         try:
             ts = torch.full((b,), int(t), device=z.device, dtype=torch.long)
-            out = self.unet(z.to(self.dtype), ts, encoder_hidden_states=context.to(self.dtype)).sample
+            out = self.unet(z.to(self.dtype), ts, encoder_hidden_states=tokens.to(self.dtype),
+                            **extra).sample
         finally:
             c.controller, c.rows, c.value_context = None, None, None
+        if self.family.prediction == "v":
+            return eps_from_v(out.to(z.dtype), z, float(self._alphas[int(t)]))
         return out.to(z.dtype)
+
+
+def size_ids(z: Tensor) -> Tensor:
+    """SDXL's size conditioning for latents z [B, 4, h, w]: [B, 6] rows (H, W, 0, 0, H, W),
+    H = 8h and W = 8w in pixels (original size, crop top-left, target size; float32)."""
+    hh, ww = int(z.shape[2]) * VAE_FACTOR, int(z.shape[3]) * VAE_FACTOR
+    return torch.tensor([[hh, ww, 0, 0, hh, ww]], dtype=torch.float32).expand(z.shape[0], -1)
+
+
+def check_unet(unet, family: Family) -> None:
+    """Refuse a UNet that is not of ``family``: its cross-attention width, its vector input."""
+    cfg = unet.config
+    width = cfg.cross_attention_dim
+    if width != family.context_dim:
+        raise ValueError(f"the UNet reads {width}-wide text states, a {family.name} UNet "
+                         f"{family.context_dim}-wide: is the model of another family?")
+    text_time = cfg.get("addition_embed_type") == "text_time"
+    if text_time != bool(family.pooled_dim):
+        raise ValueError(f"the UNet {'has' if text_time else 'lacks'} the text_time vector "
+                         f"input that a {family.name} UNet {'lacks' if text_time else 'has'}")
+    if int(cfg.in_channels) != family.latent_channels:
+        raise ValueError(f"the UNet takes {cfg.in_channels} input channels, not "
+                         f"{family.latent_channels}: inpainting and depth UNets are not supported")

@@ -132,24 +132,45 @@ def _consecutive(indices: list[int], what: str) -> None:
 # ---------------------------------------------------------------------------------- family
 
 
+CONVERT_HINT = ("convert it to a diffusers folder (diffusers' scripts/convert_original_stable_"
+                "diffusion_to_diffusers.py, or the pipeline's from_single_file(…).save_pretrained"
+                "(folder) where its config can be fetched) and pass the folder: single files are "
+                "read for SD 1.x only")
+
+
+def single_file_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The family name, "SD 2.x" or "SDXL", when the header shows one of them (their text
+    encoders' keys, or the UNet's cross-attention key width 1024 / 2048), else None."""
+    if _has_prefix(shapes, "conditioner.embedders."):
+        return "SDXL"
+    if _has_prefix(shapes, "cond_stage_model.model."):
+        return "SD 2.x"
+    widths = {s[1] for k, s in shapes.items()
+              if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and len(s) == 2}
+    return "SDXL" if 2048 in widths else "SD 2.x" if 1024 in widths else None
+
+
 def check_sd1_family(shapes: Mapping[str, tuple[int, ...]], name: str) -> None:
     """Raise :class:`CheckpointError` naming the model family when the keys are not SD 1.x's."""
-    if _has_prefix(shapes, "conditioner.embedders."):
-        raise CheckpointError(f"{name} is an SDXL-family checkpoint (conditioner.embedders.*); "
-                              "only SD 1.x is supported")
-    if _has_prefix(shapes, "cond_stage_model.model."):
-        raise CheckpointError(f"{name} is an SD 2.x checkpoint (OpenCLIP text encoder, "
-                              "cond_stage_model.model.*); only SD 1.x is supported")
-    for marker, family in (("joint_blocks.", "SD3"), ("double_blocks.", "Flux")):
+    family = single_file_family(shapes)
+    if family == "SDXL":
+        raise CheckpointError(f"{name} is a single-file SDXL checkpoint (conditioner.embedders.* "
+                              f"or 2048-wide cross-attention): {CONVERT_HINT}")
+    if family == "SD 2.x":
+        raise CheckpointError(f"{name} is a single-file SD 2.x checkpoint (OpenCLIP text encoder "
+                              f"cond_stage_model.model.* or 1024-wide cross-attention): "
+                              f"{CONVERT_HINT}")
+    for marker, other in (("joint_blocks.", "SD3"), ("double_blocks.", "Flux")):
         if _has_prefix(shapes, UNET_PREFIX + marker):
-            raise CheckpointError(f"{name} is a {family} checkpoint; only SD 1.x is supported")
+            raise CheckpointError(f"{name} is a {other} checkpoint; this pack supports SD 1.x, "
+                                  "SD 2.x and SDXL UNets only")
     if not _has_prefix(shapes, UNET_PREFIX + "input_blocks."):
         first = ", ".join(sorted(shapes)[:3])
         raise CheckpointError(f"{name} is not a single-file SD 1.x checkpoint: no "
                               f"{UNET_PREFIX}input_blocks.* UNet (first keys: {first})")
     if _has_prefix(shapes, UNET_PREFIX + "label_emb."):
-        raise CheckpointError(f"{name} has a class-conditioned UNet (label_emb, SDXL-style); "
-                              "only SD 1.x is supported")
+        raise CheckpointError(f"{name} has a class-conditioned UNet (label_emb, SDXL-style): "
+                              f"{CONVERT_HINT}")
 
 
 def check_epsilon_prediction(shapes: Mapping[str, Any], metadata: Mapping[str, str], name: str
