@@ -33,7 +33,8 @@ from workflow_api import (
 WORKFLOWS = http_support.REPO_ROOT / "workflows"
 NULL_TEXT_WORKFLOWS = ("nti_p2p_real_image_edit", "nti_p2p_reweight_localblend")
 STYLED = "nti_styled_p2plus_attention_maps"
-SHIPPED = (*NULL_TEXT_WORKFLOWS, STYLED)
+SDXL_WORKFLOW = "nti_sdxl_real_image_edit"  # run on an SDXL checkpoint in test_families_http.py
+SHIPPED = (*NULL_TEXT_WORKFLOWS, STYLED, SDXL_WORKFLOW)
 TINY = "nti_tiny_sd15.safetensors"
 SIDE, STEPS, INNER = 64, 4, 2
 
@@ -128,7 +129,8 @@ def test_shipped_workflows_are_valid_ui_files(object_info) -> None:
         (invert,) = find_nodes(api, "NTIDDIMInvert")
         assert api[invert]["inputs"]["steps"] == 50
         (scale,) = find_nodes(api, "ImageScale")
-        assert (api[scale]["inputs"]["width"], api[scale]["inputs"]["height"]) == (512, 512)
+        side = 1024 if name == SDXL_WORKFLOW else 512  # each family's native resolution
+        assert (api[scale]["inputs"]["width"], api[scale]["inputs"]["height"]) == (side, side)
         assert api[scale]["inputs"]["crop"] == "center"
         (load,) = find_nodes(api, "LoadImage")
         assert api[load]["inputs"]["image"] == "gnochi_mirror.jpeg"
