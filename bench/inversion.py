@@ -40,15 +40,20 @@ DEMO_PHOTOS = ("gnochi_mirror", "chelsea", "coffee")
 
 
 # ----------------------------------------------------------------------------- measuring
-def rss_mb() -> float:
-    """Resident set size now (Linux /proc; falls back to the lifetime peak)."""
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MB (Linux; falls back to the lifetime peak)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident set size now."""
+    return _status_mb("VmRSS")
 
 
 def reset_peak() -> bool:
@@ -62,13 +67,7 @@ def reset_peak() -> bool:
 
 def peak_mb() -> float:
     """Peak RSS since the last reset (or of the process's life)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mb("VmHWM")
 
 
 class UNetCounter:

@@ -18,6 +18,7 @@ import comfy.utils
 import torch
 from torch import Tensor
 
+from ..nti_core.family import Family
 from ..nti_core.hosts.comfy import ComfyDenoiser, check_interrupt, check_pair, clip_family
 from ..nti_core.progress import Progress
 from ..nti_core.tokenizer import HFTokenizer, sd1_clip_tokenizer
@@ -37,7 +38,8 @@ def sd1_tokenizer() -> HFTokenizer:
     return sd1_clip_tokenizer(Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer")
 
 
-def clip_tokens(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt") -> dict:
+def clip_tokens(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt",
+                family: Family | None = None) -> dict:
     """``clip.tokenize(text)``, refused unless every text encoder of the CLIP's family sees plain
     text at the positions the CLIP tokenizer gives (SDXL: CLIP-L and CLIP-G, same vocabulary,
     different padding — the words must sit at the same positions for both).
@@ -46,7 +48,7 @@ def clip_tokens(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt") ->
     ``(word:1.2)`` and ``embedding:`` names shift or replace tokens, so they are refused here
     (use the edit plan's reweight instead).
     """
-    family = clip_family(clip)
+    family = family or clip_family(clip)
     tokens = clip.tokenize(text)
     body = tok.encode(text)
     for key in family.encoders:
@@ -74,17 +76,17 @@ def encode_prompt(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt") 
     """A checked prompt → the family's embedding [1, 77, D] (SDXL: [1, 78, 2048], the pooled
     vector as the last row; ``nti_core.family``), on ComfyUI's intermediate device."""
     text = check_prompt(text, what)
-    return _embedding(clip, clip_tokens(clip, text, tok, what), what)
+    family = clip_family(clip)
+    return _embedding(family, clip, clip_tokens(clip, text, tok, what, family), what)
 
 
 def encode_empty(clip: Any) -> Tensor:
     """The CLIP's embedding of "" (SDXL: token states and pooled vector, as ComfyUI encodes an
     empty negative prompt — not zeros): the null text ∅ before optimisation."""
-    return _embedding(clip, clip.tokenize(""), "empty prompt")
+    return _embedding(clip_family(clip), clip, clip.tokenize(""), "empty prompt")
 
 
-def _embedding(clip: Any, tokens: dict, what: str) -> Tensor:
-    family = clip_family(clip)
+def _embedding(family: Family, clip: Any, tokens: dict, what: str) -> Tensor:
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     if cond.ndim != 3 or cond.shape[0] != 1:
         raise ValueError(f"the {what} encodes to {tuple(cond.shape)}, expected [1, 77, "

@@ -76,11 +76,6 @@ class Family:
         """Rows of one prompt's embedding: 77 token states (+1 pooled row)."""
         return TOKENS + (1 if self.pooled_dim else 0)
 
-    @property
-    def quarter(self) -> int:
-        """LocalBlend's and the attention maps' factor: a quarter of the latent side."""
-        return 4
-
     def pack(self, context: Tensor, pooled: Tensor | None = None) -> Tensor:
         """Token states [B, 77, D] (+ pooled [B, P]) → one embedding [B, 77 (+1), D]."""
         if context.ndim != 3 or context.shape[1:] != (TOKENS, self.context_dim):

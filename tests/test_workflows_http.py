@@ -242,21 +242,28 @@ def test_edit_plans_leave_the_reconstruction_alone(comfy_server, object_info) ->
     assert np.abs(first - second).max() <= 1 / 255
 
 
+def run_with_decoded(server: http_support.ComfyServer, api: dict[str, Any], latent: list,
+                     prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``api`` with ``latent`` (a [node, output] link) also decoded by the workflow's VAE and
+    saved (test nodes 900/901) → the reconstruction, the edit and that decoded image."""
+    (vae_source,) = {tuple(api[n]["inputs"]["vae"]) for n in find_nodes(api, "VAEDecode")}
+    api["900"] = {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": list(vae_source)}}
+    api["901"] = {"class_type": "SaveImage",
+                  "inputs": {"images": ["900", 0], "filename_prefix": prefix}}
+    entry = server.run(api, timeout=600)
+    (save,) = [n for n in find_nodes(api, "SaveImage") if n != "901"]
+    recon, edit = saved_images(server, entry, save)
+    (decoded,) = saved_images(server, entry, "901")
+    return recon, edit, decoded
+
+
 def test_negative_prompt_reconstruction_is_the_ddim_round_trip(comfy_server, object_info) -> None:
     """With ∅ = the source prompt (negative-prompt inversion) guidance cancels out, so P2P
     Sample's reconstruction must equal DDIM Invert's own round trip (decoded by a test node)."""
     api = small(ui_to_api(load_ui(SHIPPED[0]), object_info), "test/npi")
     set_input(api, "NTINullTextOptimize", "method", "negative-prompt")
     (invert,) = find_nodes(api, "NTIDDIMInvert")
-    (vae_source,) = {tuple(api[n]["inputs"]["vae"]) for n in find_nodes(api, "VAEDecode")}
-    api["900"] = {"class_type": "VAEDecode",
-                  "inputs": {"samples": [invert, 1], "vae": list(vae_source)}}
-    api["901"] = {"class_type": "SaveImage",
-                  "inputs": {"images": ["900", 0], "filename_prefix": "test/npi_ddim"}}
-    entry = comfy_server.run(api, timeout=600)
-    (save,) = [n for n in find_nodes(api, "SaveImage") if n != "901"]
-    recon, edit = saved_images(comfy_server, entry, save)
-    (ddim,) = saved_images(comfy_server, entry, "901")
+    recon, edit, ddim = run_with_decoded(comfy_server, api, [invert, 1], "test/npi_ddim")
     assert np.abs(recon - ddim).max() <= 2 / 255
     assert np.abs(edit - ddim).mean() > 1e-3
 
@@ -267,15 +274,7 @@ def test_direct_inversion_reconstruction_is_the_vae_round_trip(comfy_server, obj
     api = small(ui_to_api(load_ui(SHIPPED[0]), object_info), "test/direct")
     set_input(api, "NTINullTextOptimize", "method", "direct")
     (encode,) = find_nodes(api, "VAEEncode")
-    (vae_source,) = {tuple(api[n]["inputs"]["vae"]) for n in find_nodes(api, "VAEDecode")}
-    api["900"] = {"class_type": "VAEDecode",
-                  "inputs": {"samples": [encode, 0], "vae": list(vae_source)}}
-    api["901"] = {"class_type": "SaveImage",
-                  "inputs": {"images": ["900", 0], "filename_prefix": "test/direct_vae"}}
-    entry = comfy_server.run(api, timeout=600)
-    (save,) = [n for n in find_nodes(api, "SaveImage") if n != "901"]
-    recon, edit = saved_images(comfy_server, entry, save)
-    (vae,) = saved_images(comfy_server, entry, "901")
+    recon, edit, vae = run_with_decoded(comfy_server, api, [encode, 0], "test/direct_vae")
     assert np.abs(recon - vae).max() <= 1 / 255
     assert np.abs(edit - vae).mean() > 1e-3
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...family import SD1, SD2, SDXL, SUPPORTED, Family
+from ...family import SD1, SD2, SDXL, SUPPORTED, Family, by_width
 from .hooks import transformer_keys
 
 
@@ -36,19 +36,10 @@ def detect(model: Any) -> Family:
     if base.concat_keys or unet.in_channels != 4:
         raise refuse(f"this {kind} takes extra image inputs ({unet.in_channels} input channels: "
                      "an inpainting or instruct model)")
-    if type(base) is mb.SDXL:
-        family = SDXL
-    elif type(base) is mb.BaseModel and not base.adm_channels:
-        by_width = {SD1.context_dim: SD1, SD2.context_dim: SD2}
-        family = by_width.get(_context_dim(unet))
-        if family is None:
-            raise refuse(f"a UNet with {_context_dim(unet)}-wide text context is neither SD 1.x "
-                         "(768) nor SD 2.x (1024)")
-    else:
+    sdxl = type(base) is mb.SDXL
+    if not sdxl and (type(base) is not mb.BaseModel or base.adm_channels):
         raise refuse(f"this MODEL is a {kind} (refiner, unCLIP, upscaler, video or cascade model)")
-    if _context_dim(unet) != family.context_dim:
-        raise refuse(f"this {family.name} UNet reads a {_context_dim(unet)}-wide text context, "
-                     f"expected {family.context_dim}")
+    family = by_width(_context_dim(unet), pooled=sdxl)
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, ms.ModelSamplingDiscrete) or isinstance(
         sampling, (ms.ModelSamplingDiscreteEDM, ms.StableCascadeSampling)
@@ -58,7 +49,8 @@ def detect(model: Any) -> Family:
         raise refuse(f"needs the 1000-step training schedule, got {len(sampling.sigmas)} steps "
                      "(a distilled schedule such as LCM's)")
     if isinstance(sampling, (ms.EDM, ms.X0)) or not isinstance(sampling, ms.EPS):
-        raise refuse(f"needs ε- or v-prediction, got {_prediction_name(sampling)}")
+        kinds = [c.__name__ for c in type(sampling).__mro__ if c.__module__ == ms.__name__]
+        raise refuse(f"needs ε- or v-prediction, got {type(sampling).__name__} ({kinds})")
     prediction = "v" if isinstance(sampling, ms.V_PREDICTION) else "eps"
     transformer_keys(model)
     return family.with_schedule(prediction, bool(getattr(sampling, "zsnr", False)))
@@ -70,14 +62,6 @@ def _context_dim(unet: Any) -> int:
         if name.endswith("attn2.to_k"):
             return int(module.in_features)
     raise ValueError("the UNet has no cross-attention: nothing to edit with text")
-
-
-def _prediction_name(sampling: Any) -> str:
-    for cls in type(sampling).__mro__:
-        if cls.__module__.endswith("model_sampling") and cls.__name__ in (
-                "EPS", "V_PREDICTION", "EDM", "CONST", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
-            return cls.__name__
-    return type(sampling).__name__
 
 
 def clip_family(clip: Any) -> Family:
