@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..nti_core.family import Family
 from ..nti_core.hosts.comfy import ComfyDenoiser, check_interrupt, check_pair, clip_family
+from ..nti_core.precision import PRECISIONS
 from ..nti_core.progress import Progress
 from ..nti_core.tokenizer import HFTokenizer, sd1_clip_tokenizer
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings
@@ -94,13 +95,34 @@ def _embedding(family: Family, clip: Any, tokens: dict, what: str) -> Tensor:
     return family.pack(cond, pooled if family.pooled_dim else None)
 
 
-def make_denoiser(model: Any, for_grad: bool = False, clip: Any = None) -> ComfyDenoiser:
+def make_denoiser(model: Any, for_grad: bool = False, clip: Any = None,
+                  precision: str = "auto", latent_hw: tuple[int, int] | None = None
+                  ) -> ComfyDenoiser:
     """The ``nti_core`` denoiser on a hooked clone of ``model`` (the input MODEL is untouched);
-    with ``clip``, refuse a CLIP of another family first."""
-    den = ComfyDenoiser(model, for_grad=for_grad)
+    with ``clip``, refuse a CLIP of another family first. ``for_grad``: for an optimisation at
+    ``precision`` on latents of ``latent_hw`` (what ComfyUI is asked to free for the backward)."""
+    den = ComfyDenoiser(model, for_grad=for_grad, precision=precision, latent_hw=latent_hw)
     if clip is not None:
         check_pair(den.family, clip)
     return den
+
+
+def precision_input() -> Any:
+    """The optimisation nodes' ``precision`` widget (``nti_core.precision``)."""
+    from comfy_api.latest import io
+
+    return io.Combo.Input(
+        "precision", options=list(PRECISIONS), default="auto",
+        tooltip="What the optimisation computes the UNet in. 'model': the MODEL's own dtype "
+        "(fp16/bf16 on a GPU), forward and backward — ∅, Adam and the loss stay fp32, fp16 with "
+        "loss scaling; half the activation memory of fp32 and no copy of the weights. 'fp32': "
+        "fp32 whatever the model's dtype (the reference code's choice). 'auto': 'model' where "
+        "measured as exact as fp32 (within 1.5×), else fp32. The report says what ran.")
+
+
+def finish_optimisation() -> None:
+    """After an optimisation: hand the memory its backward used back to the device."""
+    comfy.model_management.soft_empty_cache()
 
 
 def progress_bar(total: int) -> Progress:
@@ -119,12 +141,16 @@ def intermediate() -> torch.device:
     return comfy.model_management.intermediate_device()
 
 
-def trajectory_to(traj: Trajectory, device: torch.device | str) -> Trajectory:
-    """The trajectory with its tensors on ``device`` (a new object; the input is left alone)."""
-    maps = None if traj.maps is None else traj.maps.to(device)
-    return dataclasses.replace(
-        traj, latents=traj.latents.to(device), embedding=traj.embedding.to(device), maps=maps
-    )
+def trajectory_to(traj: Trajectory, device: torch.device | str, maps: bool = False
+                  ) -> Trajectory:
+    """The trajectory's latents and embedding on ``device`` (a new object; the input is left
+    alone); its attention maps too with ``maps``, else they stay where they are (between nodes:
+    ComfyUI's intermediate device) — the attention loss moves one step's maps at a time,
+    sampling never reads them."""
+    moved = None if traj.maps is None or not maps else traj.maps.to(device)
+    return dataclasses.replace(traj, latents=traj.latents.to(device),
+                               embedding=traj.embedding.to(device),
+                               maps=moved if maps else traj.maps)
 
 
 def normal_copy(traj: Trajectory) -> Trajectory:

@@ -99,4 +99,5 @@ class NTIDDIMInvert(io.ComfyNode):
         recon = ddim_reconstruct(den, traj, progress=tick)
         log.info("[NTI] DDIM inversion and round trip: %s, latent %dx%d, %.1f s", g.describe(),
                  z0.shape[-2], z0.shape[-1], time.perf_counter() - start)
-        return io.NodeOutput(trajectory_to(traj, intermediate()), latent_out(model, recon))
+        return io.NodeOutput(trajectory_to(traj, intermediate(), maps=True),
+                             latent_out(model, recon))

@@ -4,6 +4,7 @@ negative-prompt shortcut."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from comfy_api.latest import io, ui
@@ -22,9 +23,11 @@ from . import types
 from .common import (
     CATEGORY,
     encode_empty,
+    finish_optimisation,
     intermediate,
     make_denoiser,
     normal_copy,
+    precision_input,
     progress_bar,
     require_maps,
     trajectory_to,
@@ -77,6 +80,7 @@ class NTINullTextOptimize(io.ComfyNode):
                                "also pull the ∅ pass's cross-attention toward the source "
                                "prompt's maps recorded at inversion (DDIM Invert with "
                                "record_maps). 0 = the paper's algorithm exactly."),
+                precision_input(),
             ],
             outputs=[
                 types.Uncond.Output("uncond", display_name="uncond",
@@ -89,25 +93,33 @@ class NTINullTextOptimize(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, trajectory: Trajectory, guidance: float, inner_steps: int,
-                early_stop: float, method: str, attention_loss: float = 0.0) -> io.NodeOutput:
+                early_stop: float, method: str, attention_loss: float = 0.0,
+                precision: str = "auto") -> io.NodeOutput:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if attention_loss > 0 and method not in OPTIMISED:
             raise ValueError(f"attention_loss applies to methods {OPTIMISED}, not {method!r}: "
                              "set it to 0 or switch the method")
         require_maps(trajectory, attention_loss)
-        den = make_denoiser(model, for_grad=method in OPTIMISED, clip=clip)
+        optimise = method in OPTIMISED
+        den = make_denoiser(model, for_grad=optimise, clip=clip, precision=precision,
+                            latent_hw=tuple(trajectory.latents.shape[-2:]) if optimise else None)
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
-        if method in OPTIMISED:
+        if optimise:
             options = NullTextOptions(guidance=guidance, inner_steps=inner_steps,
                                       early_stop=early_stop, attention_weight=attention_loss,
                                       fast=method == "null-text-fast")
             null = encode_empty(clip)
-            with autograd():  # ComfyUI runs nodes under inference_mode: leave it, clone inputs
-                traj = trajectory_to(normal_copy(trajectory), den.device)
-                uncond = null_text_optimize(den, traj, null.clone().to(den.device), options,
-                                            progress=progress_bar(traj.num_steps),
-                                            check=check_interrupt)  # Cancel: every iteration
+            try:
+                with autograd():  # ComfyUI runs nodes under inference_mode: leave it, clone
+                    traj = trajectory_to(normal_copy(trajectory), den.device)
+                    uncond = null_text_optimize(den, traj, null.clone().to(den.device), options,
+                                                progress=progress_bar(traj.num_steps),
+                                                check=check_interrupt,  # Cancel: every iteration
+                                                precision=den.precision)
+            finally:
+                finish_optimisation()
+            uncond = dataclasses.replace(uncond, precision=den.describe())
         elif method == "direct":
             uncond = direct_inversion(trajectory, encode_empty(clip), guidance)
         else:

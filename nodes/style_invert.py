@@ -18,9 +18,11 @@ from . import types
 from .common import (
     CATEGORY,
     encode_empty,
+    finish_optimisation,
     intermediate,
     make_denoiser,
     normal_copy,
+    precision_input,
     progress_bar,
     require_maps,
     trajectory_to,
@@ -82,6 +84,7 @@ class NTIStyleInvert(io.ComfyNode):
                                tooltip="'official': the network outputs a scale and shift of "
                                "each row's prompt embedding (sen-mao/StyleDiffusion); 'paper': "
                                "Table 1, the values come from the image alone."),
+                precision_input(),
             ],
             outputs=[
                 types.Values.Output("values", display_name="values",
@@ -97,22 +100,29 @@ class NTIStyleInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, clip_vision, image, trajectory: Trajectory, guidance: float,
-                inner_steps: int, attention_loss: float, variant: str) -> io.NodeOutput:
+                inner_steps: int, attention_loss: float, variant: str,
+                precision: str = "auto") -> io.NodeOutput:
         options = StyleOptions(guidance=guidance, inner_steps=inner_steps,
                                attention_weight=attention_loss, variant=variant)  # type: ignore[arg-type]
         require_maps(trajectory, attention_loss)
-        den = make_denoiser(model, for_grad=True, clip=clip)
+        den = make_denoiser(model, for_grad=True, clip=clip, precision=precision,
+                            latent_hw=tuple(trajectory.latents.shape[-2:]))
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
         tokens, encoder = vision_tokens(clip_vision, image)
         null = encode_empty(clip)
-        with autograd():
-            traj = trajectory_to(normal_copy(trajectory), den.device)
-            values = style_invert(den, traj, tokens.clone().to(den.device),
-                                  null.clone().to(den.device), options, encoder=encoder,
-                                  progress=progress_bar(traj.num_steps), check=check_interrupt)
+        try:
+            with autograd():
+                traj = trajectory_to(normal_copy(trajectory), den.device)
+                values = style_invert(den, traj, tokens.clone().to(den.device),
+                                      null.clone().to(den.device), options, encoder=encoder,
+                                      progress=progress_bar(traj.num_steps), check=check_interrupt,
+                                      precision=den.precision)
+        finally:
+            finish_optimisation()
         values = dataclasses.replace(
             values, shift=values.shift.to(intermediate()),
-            scale=None if values.scale is None else values.scale.to(intermediate()))
+            scale=None if values.scale is None else values.scale.to(intermediate()),
+            precision=den.describe())
         uncond = plain_null(trajectory, null.to(trajectory.embedding), guidance)
         report = values.report()
         log.info("[NTI] %s", "; ".join(report.splitlines()[:2]))

@@ -22,6 +22,7 @@ import torch
 from .attention.plan import EDIT_MODES, SELF_LIMITS, P2PSpec
 from .editing import METHODS, OPTIMISED
 from .null_text import NULL_TEXT_METHODS, NullTextOptions
+from .precision import PRECISIONS
 from .progress import Progress
 from .schedule import GRID_KINDS
 from .style import StyleOptions
@@ -159,15 +160,11 @@ def cmd_edit(a: argparse.Namespace) -> dict:
     if a.method == "styled" and not (Path(a.image_encoder) / "config.json").is_file():
         raise ValueError(f"no image encoder at {a.image_encoder}: expected a transformers CLIP "
                          "vision folder (config.json + model.safetensors)")
-    dtype = a.dtype
-    if a.method in OPTIMISED and dtype != "fp32":
-        log.info("null-text optimisation fails in %s (REFERENCE §3): the UNet runs in fp32", dtype)
-        dtype = "fp32"
     phases = Phases(3)
     with phases(f"load {a.model}"):
         from .hosts.diffusers_models import load_model
 
-        model = load_model(a.model, a.device, dtype)
+        model = load_model(a.model, a.device, a.dtype)
         log.info("model: %s", model.family.label)
         z0 = model.encode_image(image)
         controller = build_controller(model, spec, _grid_steps(a, model),
@@ -186,7 +183,10 @@ def cmd_edit(a: argparse.Namespace) -> dict:
     with phases(f"DDIM inversion + {a.method}", units) as tick:
         inv = invert(model, z0, a.source, steps=a.steps, grid=a.grid, method=a.method,
                      options=options, style=style, image_tokens=tokens, encoder=encoder,
-                     direct=a.direct, progress=tick)
+                     direct=a.direct, precision=a.precision, progress=tick)
+    if inv.precision is not None:
+        log.info("%s; gradient checkpointing %s", inv.precision.describe(),
+                 "on" if inv.checkpointing else "off")
     with phases(f"P2P sampling of {len(a.target)} edit(s)", inv.trajectory.num_steps) as tick:
         latents = edit(model, inv, spec, controller=controller, value_end=a.value_end,
                        progress=tick)
@@ -207,7 +207,14 @@ def cmd_edit(a: argparse.Namespace) -> dict:
                         "label": model.family.label},
               "reconstruction": reconstruction,
               "paths": paths, "contact_sheet": str(sheet), "uncond": inv.uncond.report(),
-              "grid": inv.trajectory.grid.describe(), "timings": inv.timings}
+              "grid": inv.trajectory.grid.describe(), "timings": inv.timings,
+              "dtype": a.dtype,
+              "precision": None if inv.precision is None else {
+                  "requested": inv.precision.requested,
+                  "optimisation_compute": str(inv.precision.compute).removeprefix("torch."),
+                  "model_compute": str(inv.precision.model).removeprefix("torch."),
+                  "described": inv.precision.describe(),
+                  "gradient_checkpointing": inv.checkpointing}}
     if inv.values is not None:
         report["values"] = inv.values.report()
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -495,7 +502,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=int, default=512, help="square image side in pixels")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps")
     e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="UNet precision for negative-prompt/none (null-text always runs fp32)")
+                   help="the model's dtype: UNet, text encoders and VAE load and compute in it "
+                        "(SDXL's VAE stays fp32 under fp16)")
+    e.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="what the optimisation (null-text, StyleDiffusion) computes the UNet "
+                        "in: model = the --dtype, forward and backward (∅, Adam and the loss "
+                        "stay fp32; fp16 with loss scaling); fp32 = always fp32; auto = model "
+                        "where measured within 1.5× of fp32's error (README: Precision)")
     e.add_argument("--out", default="nti_out/edit", help="output folder")
     return p
 

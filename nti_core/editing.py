@@ -3,6 +3,7 @@ sample the P2P batch."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -14,6 +15,7 @@ from .attention.edits import P2PController
 from .attention.plan import P2PSpec
 from .hosts.diffusers_models import SDModel
 from .inversion import ddim_invert
+from .memory import checkpointing_needed
 from .null_text import (
     NULL_TEXT_METHODS,
     NullTextOptions,
@@ -22,6 +24,7 @@ from .null_text import (
     null_text_optimize,
     plain_null,
 )
+from .precision import Precision, resolve
 from .progress import Progress, no_progress
 from .sampling import p2p_sample
 from .schedule import GridKind, make_grid
@@ -33,7 +36,7 @@ from .validate import check_prompt
 Method = Literal["null-text", "null-text-fast", "direct", "negative-prompt", "styled", "none"]
 METHODS: tuple[Method, ...] = ("null-text", "null-text-fast", "direct", "negative-prompt",
                                "styled", "none")
-OPTIMISED: tuple[Method, ...] = ("null-text", "null-text-fast", "styled")  # need fp32 and autograd
+OPTIMISED: tuple[Method, ...] = ("null-text", "null-text-fast", "styled")  # need autograd
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Inversion:
     uncond: UncondEmbeddings
     timings: dict[str, float] = field(default_factory=dict)
     values: ValueEmbeddings | None = None  # StyleDiffusion's (method "styled")
+    precision: Precision | None = None  # the optimisation's (optimising methods only)
+    checkpointing: bool = False  # gradient checkpointing during the optimisation
 
 
 def invert(
@@ -59,6 +64,8 @@ def invert(
     image_tokens: Tensor | None = None,
     encoder: str = "image encoder",
     direct: bool = False,
+    precision: str = "auto",
+    checkpointing: bool | None = None,
     progress: Progress = no_progress,
 ) -> Inversion:
     """DDIM inversion of z0 under ``source``, then ∅ by ``method``: ``null-text`` (the
@@ -66,10 +73,16 @@ def invert(
     ``options.fast``), ``direct`` (Direct Inversion: ∅ = "", no optimisation, the sampler keeps
     the source row on the pivot), ``negative-prompt``, ``none``; ``styled`` optimises
     StyleDiffusion's value embeddings from ``image_tokens`` = E(x) instead (∅ stays "", or
-    Direct Inversion's with ``direct``)."""
+    Direct Inversion's with ``direct``).
+
+    ``precision`` (auto / fp32 / model, ``nti_core.precision``) sets what the optimising
+    methods' UNet passes compute in; ``checkpointing`` (None: when the estimated activations
+    would not fit the device's free memory, ``nti_core.memory``) recomputes UNet blocks in the
+    backward instead of keeping their activations — the same result, less memory."""
     source = check_prompt(source, "source prompt")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    prec = resolve(precision, model.denoiser.dtype)
     g = make_grid(model.alphas_cumprod, steps, grid)
     cond, null = model.encode_prompt(source), model.encode_prompt("")
     t0 = time.perf_counter()
@@ -83,22 +96,43 @@ def invert(
               or (method == "styled" and style.attention_weight > 0))
     traj = ddim_invert(model.denoiser, z0, cond, g, source, record_maps=record, progress=progress)
     t1 = time.perf_counter()
-    if nti:
+    optimised = method in OPTIMISED
+    if checkpointing is None:  # an fp32 optimisation of a half UNet casts it: its size again
+        cast = sum(p.numel() * 4 for p in model.unet.parameters()) if prec.changed else 0
+        checkpointing = optimised and checkpointing_needed(
+            model.family.key, tuple(z0.shape[-2:]), prec.compute, model.device, extra=cast)
+    session = (model.denoiser.optimising(prec, checkpointing) if optimised
+               else contextlib.nullcontext())
+    with session:
+        uncond, values = _optimise(model, traj, null, method, options, style, image_tokens,
+                                   encoder, direct, prec, progress)
+    t2 = time.perf_counter()
+    return Inversion(traj, uncond, {"ddim_inversion": t1 - t0, method: t2 - t1}, values,
+                     prec if optimised else None, bool(checkpointing))
+
+
+def _optimise(model: SDModel, traj: Trajectory, null: Tensor, method: Method,
+              options: NullTextOptions, style: StyleOptions, image_tokens: Tensor | None,
+              encoder: str, direct: bool, prec: Precision,
+              progress: Progress) -> tuple[UncondEmbeddings, ValueEmbeddings | None]:
+    """∅ (and StyleDiffusion's values) by ``method`` on an inverted trajectory."""
+    values = None
+    if method in NULL_TEXT_METHODS:
         options = replace(options, fast=method == "null-text-fast")
-        uncond = null_text_optimize(model.denoiser, traj, null, options, progress=progress)
+        uncond = null_text_optimize(model.denoiser, traj, null, options, progress=progress,
+                                    precision=prec)
     elif method == "direct":
         uncond = direct_inversion(traj, null, options.guidance)
     elif method == "negative-prompt":
         uncond = negative_prompt_inversion(traj, options.guidance)
     elif method == "styled":
+        assert image_tokens is not None
         uncond = (direct_inversion if direct else plain_null)(traj, null, style.guidance)
         values = style_invert(model.denoiser, traj, image_tokens, null, style, encoder=encoder,
-                              progress=progress)
+                              progress=progress, precision=prec)
     else:
         uncond = plain_null(traj, null, options.guidance)
-    t2 = time.perf_counter()
-    return Inversion(traj, uncond, {"ddim_inversion": t1 - t0, method: t2 - t1},
-                     values if method == "styled" else None)
+    return uncond, values
 
 
 def build_controller(model: SDModel, spec: P2PSpec, num_steps: int,

@@ -70,7 +70,8 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
             "method": uncond.method, "guidance": uncond.guidance, "final_loss": uncond.final_loss,
             "first_loss": uncond.first_loss, "iterations": uncond.iterations,
             "seconds": uncond.seconds, "attention_weight": uncond.attention_weight,
-            "attention_loss": uncond.attention_loss,
+            "attention_loss": uncond.attention_loss, "precision": uncond.precision,
+            "skipped": uncond.skipped,
         })
     if values is not None:
         values.check_for(traj)
@@ -83,7 +84,7 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
             "prompt": values.prompt, "final_loss": values.final_loss,
             "first_loss": values.first_loss, "iterations": values.iterations,
             "attention_weight": values.attention_weight, "attention_loss": values.attention_loss,
-            "seconds": values.seconds,
+            "seconds": values.seconds, "precision": values.precision, "skipped": values.skipped,
         })
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,8 @@ def load_inversion_all(
         uncond = UncondEmbeddings(t["uncond"].to(device), info["method"], float(info["guidance"]),
                                   info["final_loss"], info["first_loss"], info["iterations"],
                                   float(info["seconds"]), float(info.get("attention_weight", 0.0)),
-                                  info.get("attention_loss", []))
+                                  info.get("attention_loss", []), info.get("precision", ""),
+                                  int(info.get("skipped", 0)))
     values = None
     if "value_shift" in t:
         v = json.loads(meta["values"])
@@ -166,5 +168,6 @@ def load_inversion_all(
             t["value_shift"].to(device), t["value_scale"].to(device) if "value_scale" in t else None,
             v["variant"], v["encoder"], float(v["guidance"]), v["prompt"], t["value_pivot"],
             v["final_loss"], v["first_loss"], v["iterations"], float(v["attention_weight"]),
-            v["attention_loss"], float(v["seconds"]))
+            v["attention_loss"], float(v["seconds"]), v.get("precision", ""),
+            int(v.get("skipped", 0)))
     return traj, uncond, values

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
-from .hosts.base import Controller, Denoiser
+from .finite import check_finite
+from .hosts.base import Controller, Denoiser, compute_dtype
 from .progress import Progress, no_progress
 from .schedule import Grid, inversion_step
 from .trajectory import Trajectory
@@ -33,19 +34,21 @@ def ddim_invert(
     ``record_maps`` keeps the per-head cross-attention maps at a quarter of the latent side
     (``Trajectory.maps``, for the attention loss); only those layers leave the fused kernel.
     """
-    check_latent(z0, "z0")
+    check_latent(z0, "the photo's latent z0")
     check_context(cond, "source embedding")
     if record_maps and controller is not None:
         raise ValueError("record_maps brings its own controller: pass one or the other")
     hw = blend_map_size((int(z0.shape[-2]), int(z0.shape[-1])))
     recorder = MapRecorder(hw) if record_maps else None
     n = grid.num_steps
+    dtype = compute_dtype(denoiser)
     latents = [z0]
     z = z0
     for j in range(n):
         i = n - 1 - j
         eps = denoiser.eps(z, grid.timesteps[i], cond, step=i, controller=controller or recorder)
         z = inversion_step(grid, j, z, eps)
+        check_finite("DDIM inversion", step=j, dtype=dtype, **{"ε": eps, "the latent": z})
         latents.append(z)
         progress(1)
     maps = None

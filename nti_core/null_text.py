@@ -7,6 +7,7 @@ z̄ = the latent being walked down, z* = the pivot trajectory.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +18,9 @@ from torch import Tensor
 
 from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
-from .hosts.base import Denoiser, Rows, same_model
+from .finite import check_finite
+from .hosts.base import Denoiser, Rows, compute_dtype, same_model
+from .precision import LossScaler, Precision
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, UncondEmbeddings, stack
@@ -92,6 +95,20 @@ class StepFit:
     eps: Tensor | None = None
 
 
+def check_precision(denoiser: Denoiser, precision: Precision | None) -> None:
+    """The denoiser must compute in the dtype the precision resolved to (set up by the host)."""
+    dtype = compute_dtype(denoiser)
+    if precision is not None and dtype is not None and dtype != precision.compute:
+        raise ValueError(f"the denoiser computes in {dtype} but the precision asks for "
+                         f"{precision.compute}: build it with that precision")
+
+
+def loss_scaler(denoiser: Denoiser) -> LossScaler:
+    """Dynamic loss scaling when the optimisation's UNet passes compute in fp16 (the gradient of
+    a latent MSE of ~1e-5 underflows there), a plain backward otherwise (precision module)."""
+    return LossScaler(enabled=compute_dtype(denoiser) == torch.float16)
+
+
 def fit_step(
     guided_eps: Callable[[], Tensor],
     params: list[Tensor],
@@ -106,6 +123,9 @@ def fit_step(
     attention_weight: float = 0.0,
     check: Callable[[], None] = lambda: None,
     stop_before_update: bool = False,
+    scaler: LossScaler | None = None,
+    stage: str = "null-text optimisation",
+    dtype: torch.dtype | None = None,
 ) -> StepFit:
     """The reference's inner loop at step i, shared by null-text and StyleDiffusion: fresh Adam
     on ``params``; at most ``budget`` times loss = MSE(DDIM(z̄, guided_eps()), z*_{N−1−i})
@@ -113,29 +133,36 @@ def fit_step(
 
     ``stop_before_update`` (the fast mode) tests the loss before the Adam step instead of after
     it: a pass below the threshold ends the loop with ``params`` as they were evaluated, and
-    its guided ε is returned in ``StepFit.eps`` so the caller need not compute it again."""
+    its guided ε is returned in ``StepFit.eps`` so the caller need not compute it again.
+
+    The loss is fp32 whatever the UNet computes in; ``scaler`` (fp16: dynamic loss scaling)
+    runs the backward and skips the Adam step of an iteration whose gradients overflowed. A
+    non-finite loss stops the run naming ``stage``, the step and ``dtype``'s likely cause."""
     n = traj.num_steps
     target = traj.latents[n - 1 - i : n - i].float()
     opt = torch.optim.Adam(params, lr=lr)
+    scaler = scaler or LossScaler(enabled=False)
     first, a_loss, kept = 0.0, None, None
     for k in range(budget):
         check()
         if recorder is not None:
             recorder.maps.clear()
         eps = guided_eps()
-        loss = F.mse_loss(sample_step(traj.grid, i, z, eps), target)
+        loss = F.mse_loss(sample_step(traj.grid, i, z, eps.float()), target)
         if recorder is not None:
             a_loss = attention_loss(recorder.step_maps(i), traj.loss_maps(i))
             loss = loss + attention_weight * a_loss
         value = loss.item()
+        if not math.isfinite(value):
+            check_finite(stage, step=i, dtype=dtype, loss=loss)
         if k == 0:
             first = value
         if stop_before_update and value < threshold:
             kept = eps.detach()
             break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler.backward(loss, params):
+            opt.step()
         if value < threshold:
             break
     return StepFit(first, value, k + 1, None if a_loss is None else a_loss.item(), kept)
@@ -149,6 +176,7 @@ def null_text_optimize(
     *,
     progress: Progress = no_progress,
     check: Callable[[], None] = lambda: None,
+    precision: Precision | None = None,
 ) -> UncondEmbeddings:
     """Per-step ∅_i [N, L, D] that make CFG sampling at guidance w retrace the pivot.
 
@@ -167,8 +195,13 @@ def null_text_optimize(
     the Adam step, so a step whose ∅ already meets the threshold costs one pass and no
     backward; and z̄ advances with the ε of that pass (or, when the budget runs out, with one
     more unconditional pass and the step's ε_c) instead of a fresh two-row CFG call.
+
+    ``precision`` (``nti_core.precision``) is what the host's ``denoiser`` was built for: its
+    UNet passes compute in ``precision.compute`` (checked), ∅, Adam and the loss stay fp32,
+    fp16 runs with loss scaling; the report names it.
     """
     check_context(null_embedding, "null embedding")
+    check_precision(denoiser, precision)
     if null_embedding.shape[1:] != traj.embedding.shape[1:]:
         raise ValueError(
             f"null embedding {tuple(null_embedding.shape)} does not match the source "
@@ -177,6 +210,7 @@ def null_text_optimize(
     o = options
     grid, n, cond = traj.grid, traj.num_steps, traj.embedding
     recorder = attention_recorder(traj, branch=False) if o.attention_weight > 0 else None
+    scaler, dtype, stage = loss_scaler(denoiser), compute_dtype(denoiser), "null-text optimisation"
     map_err: list[float] = []
     z = traj.latents[n : n + 1].float()
     start = traj.embedding if o.fast else null_embedding
@@ -190,6 +224,7 @@ def null_text_optimize(
         t = grid.timesteps[i]
         with torch.no_grad():
             eps_c = denoiser.eps(z, t, cond, step=i)
+        check_finite(stage, step=i, dtype=dtype, **{"the source prompt's ε": eps_c})
         uncond = uncond.detach().clone().requires_grad_(True)
 
         def guided(z=z, t=t, i=i, eps_c=eps_c, uncond=uncond) -> Tensor:
@@ -203,7 +238,7 @@ def null_text_optimize(
                        lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.inner_steps,
                        threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
                        attention_weight=o.attention_weight, check=check,
-                       stop_before_update=o.fast)
+                       stop_before_update=o.fast, scaler=scaler, stage=stage, dtype=dtype)
         first.append(fit.first)
         final.append(fit.final)
         iters.append(fit.iterations)
@@ -223,6 +258,7 @@ def null_text_optimize(
                 ).chunk(2)
                 eps = eps_u + o.guidance * (eps_c - eps_u)
             z = sample_step(grid, i, z, eps)
+        check_finite(stage, step=i, dtype=dtype, **{"the guided ε": eps, "the latent": z})
         progress(1)
     return UncondEmbeddings(
         embeddings=stack(out),
@@ -234,6 +270,8 @@ def null_text_optimize(
         seconds=time.perf_counter() - clock,
         attention_weight=o.attention_weight,
         attention_loss=map_err,
+        precision="" if precision is None else precision.describe(),
+        skipped=scaler.skipped,
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hosts.base import Controller, Denoiser, Rows
+from .finite import check_finite
+from .hosts.base import Controller, Denoiser, Rows, compute_dtype
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
@@ -56,6 +57,7 @@ def p2p_sample(
             raise ValueError(f"value embeddings {tuple(values.shift.shape[1:])} do not match the "
                              f"prompt embeddings {tuple(contexts.shape[1:])}")
     w = uncond.guidance if guidance is None else guidance
+    dtype = compute_dtype(denoiser)
     s, n = contexts.shape[0], traj.num_steps
     grid = traj.grid
     rows = Rows.cfg(s, device=contexts.device)
@@ -75,6 +77,7 @@ def p2p_sample(
         )
         eps_u, eps_c = eps.chunk(2)
         z = sample_step(grid, i, z, eps_u + w * (eps_c - eps_u))
+        check_finite("P2P sampling", step=i, dtype=dtype, **{"ε": eps, "the latent": z})
         if uncond.direct:
             z[0] = traj.latents[n - 1 - i].to(z)
         if controller is not None:
@@ -93,7 +96,10 @@ def ddim_reconstruct(
     from z*_0 only by DDIM's step error, which guidance > 1 then amplifies (NTI paper §3.1).
     """
     grid, z = traj.grid, traj.z_T.clone()
+    dtype = compute_dtype(denoiser)
     for i in range(traj.num_steps):
-        z = sample_step(grid, i, z, denoiser.eps(z, grid.timesteps[i], traj.embedding, step=i))
+        eps = denoiser.eps(z, grid.timesteps[i], traj.embedding, step=i)
+        z = sample_step(grid, i, z, eps)
+        check_finite("DDIM reconstruction", step=i, dtype=dtype, **{"ε": eps, "the latent": z})
         progress(1)
     return z

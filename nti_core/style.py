@@ -41,8 +41,17 @@ import torch
 from torch import Tensor, nn
 
 from .family import TOKENS
-from .hosts.base import Denoiser
-from .null_text import UNCOND_ROW, attention_recorder, check_trajectory_model, fit_step
+from .finite import check_finite
+from .hosts.base import Denoiser, compute_dtype
+from .null_text import (
+    UNCOND_ROW,
+    attention_recorder,
+    check_precision,
+    check_trajectory_model,
+    fit_step,
+    loss_scaler,
+)
+from .precision import Precision
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, ValueEmbeddings, pivot_fingerprint
@@ -128,15 +137,21 @@ def style_invert(
     encoder: str = "image encoder",
     progress: Progress = no_progress,
     check: Callable[[], None] = lambda: None,
+    precision: Precision | None = None,
 ) -> ValueEmbeddings:
     """Per-step value embeddings that make CFG sampling at guidance w retrace the pivot.
 
     image_tokens [1, n, W] = E(x) (frozen); null_embedding [1, L, D] = the embedding of "".
     ``progress`` is told once per step; ``check`` runs before every iteration (Cancel).
+    ``precision`` as in ``null_text_optimize``: the mapping network, Adam and the loss are fp32,
+    the UNet passes compute in ``precision.compute``.
     """
     check_image_tokens(image_tokens)
     check_context(null_embedding, "null embedding")
     check_trajectory_model(traj, denoiser)
+    check_precision(denoiser, precision)
+    scaler, dtype, stage = loss_scaler(denoiser), compute_dtype(denoiser), \
+        "StyleDiffusion optimisation"
     o = options
     recorder = attention_recorder(traj, branch=True) if o.attention_weight > 0 else None
     grid, n, cond = traj.grid, traj.num_steps, traj.embedding.float()
@@ -168,6 +183,7 @@ def style_invert(
         t = grid.timesteps[i]
         with torch.no_grad():
             eps_u = denoiser.eps(z, t, null, rows=UNCOND_ROW, step=i)
+        check_finite(stage, step=i, dtype=dtype, **{"the empty prompt's ε": eps_u})
 
         def guided(z=z, t=t, i=i, eps_u=eps_u) -> Tensor:
             eps_c = denoiser.eps(z, t, cond, step=i, controller=recorder,
@@ -177,7 +193,8 @@ def style_invert(
         fit = fit_step(guided, list(net.parameters()), traj=traj, i=i, z=z,
                        lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.iterations(i),
                        threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
-                       attention_weight=o.attention_weight, check=check)
+                       attention_weight=o.attention_weight, check=check, scaler=scaler,
+                       stage=stage, dtype=dtype)
         first.append(fit.first)
         final.append(fit.final)
         iters.append(fit.iterations)
@@ -191,6 +208,7 @@ def style_invert(
             value = shift if scale is None else scale * cond + shift
             eps_c = denoiser.eps(z, t, cond, step=i, value_context=value)
             z = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
+        check_finite(stage, step=i, dtype=dtype, **{"the valued ε": eps_c, "the latent": z})
         progress(1)
     return ValueEmbeddings(
         shift=torch.cat(shifts),
@@ -206,4 +224,6 @@ def style_invert(
         attention_weight=o.attention_weight,
         attention_loss=map_err,
         seconds=time.perf_counter() - start,
+        precision="" if precision is None else precision.describe(),
+        skipped=scaler.skipped,
     )

@@ -80,6 +80,8 @@ class UncondEmbeddings:
     seconds: float = 0.0
     attention_weight: float = 0.0  # λ of the attention loss; 0 = plain null-text
     attention_loss: list[float] = field(default_factory=list)  # per step, at the last iteration
+    precision: str = ""  # Precision.describe() of the optimisation ("" = not optimised)
+    skipped: int = 0  # Adam steps skipped by fp16 loss scaling (gradients overflowed)
 
     @property
     def num_steps(self) -> int:
@@ -97,6 +99,7 @@ class UncondEmbeddings:
     def report(self) -> str:
         """A readable multi-line summary (for the UI and the CLI)."""
         lines = [f"method: {self.method}, guidance {self.guidance}, {self.num_steps} steps"]
+        lines += optimisation_lines(self.precision, self.skipped)
         if self.iterations:
             total = sum(self.iterations)
             lines.append(f"inner iterations: {total} total ({self.seconds:.1f} s)")
@@ -107,6 +110,14 @@ class UncondEmbeddings:
             for i, (it, a, b) in enumerate(zip(self.iterations, self.first_loss, self.final_loss)):
                 lines.append(f"step {i:3d}: {it:2d} it, loss {a:.3e} → {b:.3e}")
         return "\n".join(lines)
+
+
+def optimisation_lines(precision: str, skipped: int) -> list[str]:
+    """The report lines of an optimisation's precision and loss-scaling skips."""
+    lines = [precision] if precision else []
+    if skipped:
+        lines.append(f"fp16 loss scaling: {skipped} Adam step(s) skipped (gradients overflowed)")
+    return lines
 
 
 def stack(embeddings: list[Tensor]) -> Tensor:
@@ -143,6 +154,8 @@ class ValueEmbeddings:
     attention_weight: float = 0.0
     attention_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str = ""  # Precision.describe() of the optimisation
+    skipped: int = 0  # Adam steps skipped by fp16 loss scaling
 
     @property
     def num_steps(self) -> int:
@@ -168,6 +181,7 @@ class ValueEmbeddings:
     def report(self) -> str:
         lines = [f"method: StyleDiffusion ({self.variant} mapping network, E = {self.encoder}), "
                  f"guidance {self.guidance}, {self.num_steps} steps"]
+        lines += optimisation_lines(self.precision, self.skipped)
         if self.iterations:
             lines.append(f"iterations: {sum(self.iterations)} total ({self.seconds:.1f} s)"
                          + (f"; attention loss weight λ = {self.attention_weight}"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .finite import check_finite
+
 
 def check_latent(z: Tensor, name: str = "latent", batch: int | None = 1) -> None:
-    """A latent must be [B, C, h, w] with finite values."""
+    """A latent must be [B, C, h, w] with finite values (NaN/inf: ``NonFiniteError`` naming the
+    VAE as the likely cause — SDXL's VAE overflows in fp16)."""
     if z.ndim != 4:
         raise ValueError(f"{name} must be [B, C, h, w], got shape {tuple(z.shape)}")
     if batch is not None and z.shape[0] != batch:
         raise ValueError(f"{name} must hold {batch} image(s), got a batch of {z.shape[0]}")
-    if not z.isfinite().all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+    check_finite("input latent", **{name: z})
 
 
 def check_context(c: Tensor, name: str = "embedding", batch: int | None = 1) -> None:

@@ -111,6 +111,13 @@ class Denoiser(Protocol):
         """A small float64 vector that identifies the weights (compare with ``same_model``)."""
         ...
 
+    # Optional: ``dtype``, the dtype the UNet computes in (read with ``compute_dtype``).
+
+
+def compute_dtype(denoiser: Denoiser) -> torch.dtype | None:
+    """The dtype the denoiser's UNet computes in (None when it does not say: test doubles)."""
+    return getattr(denoiser, "dtype", None)
+
 
 def value_rows(rows: Rows, context: Tensor, value_context: Tensor | None) -> Tensor | None:
     """Cross-attention value input per row: ``value_context`` on conditional rows, ``context``

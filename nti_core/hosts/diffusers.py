@@ -12,14 +12,18 @@ output is turned into ε, so the engine sees ε of every family.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..family import SD1, Family
+from ..precision import Precision
 from ..schedule import eps_from_v
 from .base import Controller, Rows, Site, model_fingerprint, sdpa, value_rows
 
@@ -57,9 +61,14 @@ def map_hw(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     return h, w
 
 
+CALL_KEY = "nti_call"  # the cross_attention_kwargs key of the per-call state
+
+
 @dataclass
 class _Call:
-    """What the processors need to know about the UNet call under way."""
+    """What the processors need to know about the UNet call under way. It travels with the call
+    (``cross_attention_kwargs``), so a checkpointed block recomputed in the backward sees the
+    state of its own forward, not the last call's."""
 
     controller: Controller | None = None
     rows: Rows | None = None
@@ -71,12 +80,11 @@ class _Call:
 class _Processor:
     """AttnProcessor2_0's computation with the attention itself handed to the controller."""
 
-    def __init__(self, call: _Call, site: Site) -> None:
-        self.call = call
+    def __init__(self, site: Site) -> None:
         self.site = site
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, **kwargs):
+                 temb=None, nti_call: _Call | None = None, **kwargs):
         if (attention_mask is not None or attn.spatial_norm is not None
                 or attn.group_norm is not None or attn.norm_cross is not None
                 or getattr(attn, "norm_q", None) is not None):
@@ -85,7 +93,7 @@ class _Processor:
                 f"SDXL UNets (no attention mask, spatial, group, cross or q/k norm); {self.site} "
                 f"has one of them")
         residual = hidden_states
-        c = self.call
+        c = nti_call or _Call()
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = attn.to_q(hidden_states)
         k = attn.to_k(context)
@@ -121,11 +129,10 @@ class DiffusersDenoiser:
         self.unet = unet
         self.family = family
         self._alphas = alphas_cumprod.detach().to(torch.float64).cpu()
-        self._call = _Call()
         lpb = int(unet.config.layers_per_block)
         names = list(unet.attn_processors.keys())
         self.sites = {n: site_of(n, lpb) for n in names}
-        unet.set_attn_processor({n: _Processor(self._call, s) for n, s in self.sites.items()})
+        unet.set_attn_processor({n: _Processor(s) for n, s in self.sites.items()})
         unet.requires_grad_(False)
         self._fingerprint: Tensor | None = None
 
@@ -145,6 +152,29 @@ class DiffusersDenoiser:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(list(self.unet.parameters()))
         return self._fingerprint
+
+    @contextlib.contextmanager
+    def optimising(self, precision: Precision, checkpointing: bool = False) -> Iterator[None]:
+        """The UNet as an optimisation needs it, restored on exit: at ``precision.compute`` (a
+        half UNet cast to fp32 and back is bit-identical: every half value is exact in fp32)
+        and, with ``checkpointing``, diffusers' gradient checkpointing of its blocks (the
+        per-call state travels with the call, so a block recomputed in the backward sees its
+        own forward's controller and values)."""
+        own = self.dtype
+        if precision.model != own:
+            raise ValueError(f"the precision was resolved for a {precision.model} model, this "
+                             f"UNet computes in {own}")
+        if precision.compute != own:
+            _cast(self.unet, precision.compute)
+        if checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if checkpointing:
+                self.unet.disable_gradient_checkpointing()
+            if precision.compute != own:
+                _cast(self.unet, own)
 
     def eps(
         self,
@@ -173,18 +203,26 @@ class DiffusersDenoiser:
         if pooled is not None:
             extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.dtype),
                                           "time_ids": size_ids(z).to(z.device, self.dtype)}
-        c = self._call
-        c.controller, c.rows, c.step = controller, rows, -1 if step is None else step
-        c.latent_hw, c.value_context = (int(z.shape[2]), int(z.shape[3])), vctx
-        try:
-            ts = torch.full((b,), int(t), device=z.device, dtype=torch.long)
-            out = self.unet(z.to(self.dtype), ts, encoder_hidden_states=tokens.to(self.dtype),
-                            **extra).sample
-        finally:
-            c.controller, c.rows, c.value_context = None, None, None
+        call = _Call(controller, rows, -1 if step is None else step,
+                     (int(z.shape[2]), int(z.shape[3])), vctx)
+        ts = torch.full((b,), int(t), device=z.device, dtype=torch.long)
+        out = self.unet(z.to(self.dtype), ts, encoder_hidden_states=tokens.to(self.dtype),
+                        cross_attention_kwargs={CALL_KEY: call}, **extra).sample
         if self.family.prediction == "v":
             return eps_from_v(out.to(z.dtype), z, float(self._alphas[int(t)]))
         return out.to(z.dtype)
+
+
+def _cast(unet, dtype: torch.dtype) -> None:
+    """``unet.to(dtype)`` without diffusers' warning about modules to keep in fp32 (its SD UNets
+    have none; the warning fires for any ``to(dtype)``)."""
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        unet.to(dtype)
+    finally:
+        quiet.setLevel(level)
 
 
 def size_ids(z: Tensor) -> Tensor:

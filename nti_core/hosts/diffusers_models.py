@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..family import SD1, SD2, SDXL, SUPPORTED, TOKENS, Family
+from ..finite import check_finite
 from ..schedule import scaled_linear_alphas_cumprod, zero_terminal_snr
 from ..tokenizer import sd1_clip_tokenizer
 from .diffusers import DiffusersDenoiser
@@ -132,6 +133,7 @@ class SDModel:
             raise ValueError(f"image sides must be multiples of 8, got {x.shape[2]}×{x.shape[3]}")
         vae_dtype = next(self.vae.parameters()).dtype
         mean = self.vae.encode(x.to(self.device, vae_dtype)).latent_dist.mean
+        check_finite("VAE encode", dtype=vae_dtype, **{"the photo's latent": mean})
         return mean.float() * self.latent_scale
 
     @torch.no_grad()
@@ -139,6 +141,7 @@ class SDModel:
         """Latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [−1, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
         x = self.vae.decode(z.to(self.device, vae_dtype) / self.latent_scale).sample
+        check_finite("VAE decode", dtype=vae_dtype, **{"the decoded image": x})
         return x.float().clamp(-1, 1)
 
 

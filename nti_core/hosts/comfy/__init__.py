@@ -27,7 +27,16 @@ value patch), ``rows`` (chunks ↔ Rows), ``grad`` (autograd through inference-m
 
 from .denoiser import ComfyDenoiser, check_interrupt
 from .family import check_pair, clip_family, detect
-from .grad import autograd, effective_unet_weights, prepare_for_grad
+from .grad import (
+    Checkpointed,
+    WeightAlias,
+    add_checkpointing,
+    autograd,
+    effective_unet_weights,
+    model_compute_dtype,
+    normal_alias,
+    prepare_for_grad,
+)
 from .hooks import (
     STATE_KEY,
     BlockKey,
@@ -41,7 +50,8 @@ from .hooks import (
 from .rows import chunks_of_rows, plan_calls, rows_from_chunks
 
 __all__ = [
-    "STATE_KEY", "BlockKey", "CallState", "ComfyDenoiser", "autograd", "check_interrupt",
+    "STATE_KEY", "BlockKey", "CallState", "Checkpointed", "ComfyDenoiser", "WeightAlias",
+    "add_checkpointing", "autograd", "check_interrupt", "model_compute_dtype", "normal_alias",
     "check_pair", "clip_family", "detect", "chunks_of_rows", "effective_unet_weights", "make_replace", "patch_model",
     "plan_calls", "prepare_for_grad", "rows_from_chunks", "step_from_sigmas", "transformer_keys",
     "value_patch",

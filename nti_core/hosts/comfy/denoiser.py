@@ -13,14 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...memory import backward_bytes, weight_copy_bytes
+from ...precision import Precision, dtype_name, resolve
 from ..base import Controller, Rows, Site, model_fingerprint, value_rows
 from .family import detect
 from .grad import (
-    _has_inference_weights,
-    _identity,
-    _usable,
+    WeightAlias,
+    add_checkpointing,
     effective_unet_weights,
+    has_inference_weights,
+    model_compute_dtype,
     prepare_for_grad,
+    usable,
 )
 from .hooks import STATE_KEY, CallState, patch_model, transformer_keys
 from .rows import plan_calls
@@ -45,12 +49,23 @@ class ComfyDenoiser:
     same size conditioning for every row.
 
     ``for_grad`` prepares a clone whose forward can be differentiated although ComfyUI built the
-    weights under inference mode (fp32 compute; each weight is copied per call, so the backward
-    keeps one extra copy of the UNet). Build the graph inside ``autograd()``. ``separate_calls``
-    runs every chunk (branch) in its own UNet call, as ComfyUI does under memory pressure.
+    weights under inference mode, for an optimisation at ``precision`` (auto / fp32 / model,
+    ``nti_core.precision``; resolved against the MODEL's compute dtype in ``self.precision``):
+    at the model's dtype the backward keeps views of the loaded weights, not copies; at fp32 on
+    a half model ComfyUI casts each weight per call and the backward keeps those fp32 copies.
+    ``latent_hw`` (the latent's size) lets the load ask ComfyUI for the memory the backward
+    needs (``nti_core.memory``), so that it offloads other models first, and decide
+    ``checkpointing`` (None: on when that memory is not free on the device; True / False
+    force it): gradient checkpointing of every ResBlock and transformer block — the same
+    result, activations recomputed in the backward instead of kept. Build the graph inside
+    ``autograd()``. ``separate_calls`` runs every chunk (branch) in its own UNet call, as
+    ComfyUI does under memory pressure. ``attention_dtypes`` collects the dtypes of the queries
+    the attention hooks received (what the UNet really computed in).
     """
 
-    def __init__(self, model: Any, *, for_grad: bool = False, separate_calls: bool = False):
+    def __init__(self, model: Any, *, for_grad: bool = False, separate_calls: bool = False,
+                 precision: str = "auto", latent_hw: tuple[int, int] | None = None,
+                 checkpointing: bool | None = None):
         self.family = detect(model)
         self.source = model
         self.for_grad = for_grad
@@ -58,8 +73,17 @@ class ComfyDenoiser:
         self.keys = transformer_keys(model)
         self.sites = tuple(Site(b, i, d, cross) for b, i, d in self.keys for cross in (False, True))
         self.patcher = patch_model(model)
+        self.precision: Precision = resolve(precision, model_compute_dtype(model))
+        self.checkpointing = False
+        self.memory_required = 0
+        self.attention_dtypes: set[torch.dtype] = set()
         if for_grad:
-            prepare_for_grad(self.patcher)
+            prepare_for_grad(self.patcher, self.precision.compute)
+            if latent_hw is not None:
+                self._plan_memory(tuple(latent_hw), checkpointing)
+            elif checkpointing:
+                add_checkpointing(self.patcher)
+                self.checkpointing = True
         sampling = model.get_model_object("model_sampling")
         with torch.inference_mode(False):
             self._sigmas = sampling.sigmas.detach().to("cpu", torch.float32).clone()
@@ -80,9 +104,37 @@ class ComfyDenoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The UNet's compute dtype (ComfyUI's manual-cast dtype if set; fp32 when ``for_grad``)."""
-        cast = self.patcher.get_model_object("manual_cast_dtype")
-        return cast if cast is not None else self.patcher.model.get_dtype()
+        """The UNet's compute dtype (ComfyUI's manual-cast dtype if set, else the weights'; for
+        an optimisation, its precision's)."""
+        return model_compute_dtype(self.patcher)
+
+    def _plan_memory(self, latent_hw: tuple[int, int], checkpointing: bool | None) -> None:
+        """Memory the backward needs, asked of ComfyUI when loading; checkpointing when it is
+        not free (after ComfyUI has offloaded what it can) or when forced."""
+        import comfy.model_management as mm
+
+        compute = self.precision.compute
+        copies = weight_copy_bytes(self.patcher.model.diffusion_model, compute)
+        full = backward_bytes(self.family.key, latent_hw, compute) + copies
+        if checkpointing is None:
+            self.memory_required = full
+            self.load()
+            device = self.device
+            checkpointing = device.type != "cpu" and mm.get_free_memory(device) < full
+            if checkpointing:
+                log.info("[NTI] gradient checkpointing on: the backward needs %.1f GB, %.1f GB "
+                         "free", full / 1e9, mm.get_free_memory(device) / 1e9)
+        if checkpointing:
+            add_checkpointing(self.patcher)
+            full = backward_bytes(self.family.key, latent_hw, compute, checkpointing=True) + copies
+        self.checkpointing, self.memory_required = bool(checkpointing), full
+
+    def describe(self) -> str:
+        """The optimisation's precision, what the attention hooks saw and checkpointing, for
+        the node reports."""
+        seen = ", ".join(sorted(dtype_name(d) for d in self.attention_dtypes)) or "none yet"
+        return (f"{self.precision.describe()}\nattention inputs seen by the hooks: {seen}; "
+                f"gradient checkpointing {'on' if self.checkpointing else 'off'}")
 
     def sigma(self, t: int) -> float:
         """σ_t exactly as ``model_sampling.sigmas[t]`` holds it (float32 value)."""
@@ -94,14 +146,15 @@ class ComfyDenoiser:
         """Load the hooked clone with ComfyUI's model management (cheap when already loaded)."""
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([self.patcher])
+        comfy.model_management.load_models_gpu([self.patcher],
+                                               memory_required=self.memory_required)
         if self.for_grad:
             self._check_wrappers()
 
     def _check_wrappers(self) -> None:
         for module in self.patcher.model.diffusion_model.modules():
             if getattr(module, "weight", None) is not None and hasattr(module, "weight_function"):
-                if _identity not in module.weight_function:
+                if not any(isinstance(f, WeightAlias) for f in module.weight_function):
                     raise RuntimeError("ComfyUI did not install the autograd weight wrappers")
                 return
 
@@ -144,7 +197,7 @@ class ComfyDenoiser:
         record = self._records_grad(z, context, value_context)
         scope = torch.inference_mode(False) if record else contextlib.nullcontext()
         with scope:
-            z, context, value_context = (_usable(x, record) for x in (z, context, value_context))
+            z, context, value_context = (usable(x, record) for x in (z, context, value_context))
             values = value_rows(rows, context, value_context)
             out = [
                 self._eps_call(
@@ -180,7 +233,7 @@ class ComfyDenoiser:
             return False
         if not any(x is not None and x.requires_grad for x in inputs):
             return False
-        if not self.for_grad and _has_inference_weights(self.patcher):
+        if not self.for_grad and has_inference_weights(self.patcher):
             raise RuntimeError(
                 "gradients through this model need ComfyDenoiser(model, for_grad=True): its "
                 "weights were made under torch.inference_mode()"
@@ -208,6 +261,7 @@ class ComfyDenoiser:
         options.update(cond_or_uncond=list(cond_or_uncond), sigmas=sigma[:chunk], **{STATE_KEY: call})
         extra = {} if pooled is None else {"y": self._vector(pooled, z.shape[-2:])}
         denoised = self._apply_model(x, sigma, context, options, cond_or_uncond, extra)
+        self.attention_dtypes |= call.seen
         return (x - denoised) / sigma.view(-1, 1, 1, 1)
 
     def _vector(self, pooled: Tensor, latent_hw: torch.Size) -> Tensor:

@@ -34,6 +34,7 @@ class CallState:
     step_ids: tuple[int, ...] = ()
     value: Tensor | None = None
     resolved: dict[str, Any] = field(default_factory=dict)
+    seen: set[torch.dtype] = field(default_factory=set)  # dtypes of the q the hooks received
 
     def __deepcopy__(self, memo: dict) -> CallState:
         return self
@@ -94,6 +95,8 @@ def make_replace(site: Site, bound: Controller | None = None) -> Callable[..., T
 
     def replace(q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Any]) -> Tensor:
         call: CallState | None = extra.get(STATE_KEY)
+        if call is not None:
+            call.seen.add(q.dtype)
         controller = call.controller if call is not None else bound
         heads = int(extra["n_heads"])
         if controller is None:

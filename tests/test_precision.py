@@ -1,0 +1,253 @@
+"""The precision policy (nti_core.precision): what each choice resolves to, fp16 loss scaling,
+mixed-precision optimisation in real bf16 / fp16 compute on the CPU (the diffusers host), the
+fp32 optimisation of a half UNet, gradient checkpointing, and the CLI's --dtype / --precision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nti_core import NullTextOptions, ddim_invert, make_grid, null_text_optimize
+from nti_core.precision import AUTO, PRECISIONS, LossScaler, resolve
+from nti_core.sampling import p2p_sample
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def test_an_fp32_model_optimises_in_fp32_whatever_is_asked() -> None:
+    for choice in PRECISIONS:
+        p = resolve(choice, torch.float32)
+        assert p.compute == torch.float32 and not p.changed and not p.loss_scaling
+        assert "computes in fp32 already" in p.describe()
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_models_get_what_is_asked_and_auto_follows_the_measured_table(half) -> None:
+    assert resolve("model", half).compute == half
+    assert resolve("fp32", half).compute == torch.float32 and resolve("fp32", half).changed
+    auto = resolve("auto", half)
+    assert auto.compute == (half if AUTO[half] == "model" else torch.float32)
+    assert "auto →" in auto.describe() and "docs/precision.md" in auto.describe()
+    assert resolve("model", half).loss_scaling == (half == torch.float16)
+
+
+def test_the_report_line_names_the_compute_dtype_loss_scaling_and_what_stays_fp32() -> None:
+    line = resolve("model", torch.float16).describe()
+    assert "UNet forward and backward in fp16 with dynamic loss scaling" in line
+    assert "∅/values, Adam and the loss in fp32" in line
+    assert "with dynamic loss scaling" not in resolve("model", torch.bfloat16).describe()
+
+
+def test_an_unknown_precision_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'fp32', 'model'\), "
+                                         r"got 'fp8'"):
+        resolve("fp8", torch.float16)
+
+
+# ----------------------------------------------------------------------------- loss scaling
+
+
+def test_fp16_gradients_of_a_tiny_loss_vanish_without_loss_scaling_and_not_with_it() -> None:
+    """The gradient of an fp32 MSE of ~1e-8 per element of a 64×64 latent (what null-text's
+    loss of ~1e-5 gives) is below fp16's smallest subnormal (6e-8): an fp16 backward drops it;
+    scaled by 2^16 it stays exact to fp16's precision."""
+    n = 4 * 64 * 64
+    delta = 2e-4  # z̃ − z* per element: the loss is delta² = 4e-8, its gradient −2·delta/n
+    exact = torch.full((n,), -2 * delta / n)
+    grads = {}
+    for name, scaler in (("fp16", LossScaler(enabled=False)), ("fp16 scaled", LossScaler())):
+        p = torch.zeros(n, requires_grad=True)
+        y = p.half() + 1.0  # an fp16 activation, exactly 1.0
+        assert scaler.backward(F.mse_loss(y.float(), torch.full((n,), 1.0 + delta)), [p])
+        grads[name] = p.grad
+    assert torch.equal(grads["fp16"], torch.zeros(n))  # underflowed
+    torch.testing.assert_close(grads["fp16 scaled"], exact, rtol=1e-3, atol=0)
+
+
+def test_the_loss_scaler_skips_a_step_whose_gradients_overflowed_and_halves_its_scale() -> None:
+    p = torch.ones(3, requires_grad=True)
+    scaler = LossScaler(scale=2.0**16)
+    assert not scaler.backward((p.half() * 6e4).float().sum(), [p])  # 6e4·2^16 overflows fp16
+    assert p.grad is None and scaler.scale == 2.0**15 and scaler.skipped == 1
+    assert scaler.backward((p.half() * 1e-3).float().sum(), [p])
+    torch.testing.assert_close(p.grad, torch.full((3,), 1e-3), rtol=1e-3, atol=0)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def _demo_setup(size: int = 64, steps: int = 4):
+    from core_support import PHOTOS, demo_model, photo_image
+
+    m = demo_model()
+    x = photo_image("gnochi_mirror", size)
+    return m, m.encode_image(x), m.encode_prompt(PHOTOS["gnochi_mirror"]), m.encode_prompt(""), \
+        make_grid(m.alphas_cumprod, steps), PHOTOS["gnochi_mirror"]
+
+
+class DtypeSpy:
+    """Records the dtype of every UNet input and of the gradients that flowed back into its
+    output (a backward through the UNet)."""
+
+    def __init__(self, unet) -> None:
+        self.inputs: set[torch.dtype] = set()
+        self.backward: list[torch.dtype] = []
+        self.handles = [unet.register_forward_pre_hook(self._pre),
+                        unet.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        self.inputs.add(args[0].dtype)
+
+    def _post(self, module, args, out):
+        if out.sample.requires_grad:
+            out.sample.register_hook(lambda g: self.backward.append(g.dtype))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_null_text_optimises_fp32_uncond_through_a_half_unet_within_the_measured_bound(half):
+    """Real half-precision compute on the CPU (bench/precision.py measured the demo model at
+    64², 4 steps: null-text-fast's reconstruction 1.44× all-fp32's error in bf16, 1.03× in
+    fp16): ∅ stays fp32, the UNet's forward and backward run in ``half``, fp16 loss-scaled."""
+    from nti_core.hosts.diffusers import _cast
+
+    m, z0, cond, null, grid, prompt = _demo_setup()
+    errors = {}
+    try:
+        for dtype in (torch.float32, half):
+            _cast(m.unet, dtype)
+            prec = resolve("model", dtype)
+            traj = ddim_invert(m.denoiser, z0, cond, grid, prompt)
+            spy = DtypeSpy(m.unet)
+            with m.denoiser.optimising(prec):
+                uncond = null_text_optimize(m.denoiser, traj, null, NullTextOptions(fast=True),
+                                            precision=prec)
+            spy.close()
+            assert spy.inputs == {dtype} and set(spy.backward) == {dtype}
+            assert uncond.embeddings.dtype == torch.float32
+            assert not torch.equal(uncond.embeddings, cond.expand_as(uncond.embeddings))
+            assert all(torch.isfinite(torch.tensor(uncond.final_loss)))
+            assert ("dynamic loss scaling" in uncond.precision) == (dtype == torch.float16)
+            rec = p2p_sample(m.denoiser, traj, uncond, traj.embedding)
+            errors[dtype] = float(F.mse_loss(rec, z0))
+    finally:
+        _cast(m.unet, torch.float32)
+    assert errors[half] <= 1.5 * errors[torch.float32], errors
+
+
+def test_precision_fp32_runs_a_half_unet_in_fp32_and_gives_it_back_bit_identical() -> None:
+    from nti_core.hosts.diffusers import _cast
+
+    m, z0, cond, null, grid, prompt = _demo_setup(steps=2)
+    try:
+        _cast(m.unet, torch.bfloat16)
+        before = {k: v.clone() for k, v in m.unet.state_dict().items()}
+        traj = ddim_invert(m.denoiser, z0, cond, grid, prompt)
+        prec = resolve("fp32", torch.bfloat16)
+        spy = DtypeSpy(m.unet)
+        with m.denoiser.optimising(prec):
+            assert m.denoiser.dtype == torch.float32
+            uncond = null_text_optimize(m.denoiser, traj, null, NullTextOptions(inner_steps=2),
+                                        precision=prec)
+        spy.close()
+        assert spy.inputs == {torch.float32}
+        assert "UNet forward and backward in fp32 (the model computes in bf16)" in uncond.report()
+        after = m.unet.state_dict()
+        assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v)
+                   for k, v in before.items())
+        with pytest.raises(ValueError, match="computes in torch.bfloat16 but the precision asks"):
+            null_text_optimize(m.denoiser, traj, null, precision=prec)  # outside the session
+    finally:
+        _cast(m.unet, torch.float32)
+
+
+def test_gradient_checkpointing_gives_the_same_uncond_and_keeps_less_for_the_backward() -> None:
+    """diffusers' checkpointing of the UNet's blocks with the engine's processors: the call's
+    state travels with the call, so recomputed blocks see their own controller and values."""
+    from core_support import tiny_model
+
+    from nti_core.attention.controller import MapRecorder
+    from nti_core.null_text import UNCOND_ROW
+
+    m = tiny_model()
+    z0 = m.encode_image(torch.zeros(1, 3, 64, 64))
+    cond, null = m.encode_prompt("a cat sitting next to a mirror"), m.encode_prompt("")
+    traj = ddim_invert(m.denoiser, z0, cond, make_grid(m.alphas_cumprod, 3), "p",
+                       record_maps=True)
+    prec = resolve("auto", torch.float32)
+    runs, kept = {}, {}
+    for ckpt in (False, True):
+        with m.denoiser.optimising(prec, checkpointing=ckpt):
+            runs[ckpt] = null_text_optimize(m.denoiser, traj, null,
+                                            NullTextOptions(inner_steps=3, attention_weight=1.0),
+                                            precision=prec)
+            u = null.clone().requires_grad_(True)
+            rec = MapRecorder((2, 2), branch=False, detach=False)
+            kept[ckpt] = saved_bytes(lambda u=u, rec=rec: m.denoiser.eps(
+                z0, 500, u, rows=UNCOND_ROW, step=0, controller=rec))
+    assert torch.equal(runs[True].embeddings, runs[False].embeddings)
+    assert runs[True].attention_loss == runs[False].attention_loss
+    assert kept[True] < 0.5 * kept[False], kept
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward of ``fn()``."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    from core_support import demo_model
+
+    from nti_core.hosts.diffusers_models import save_pipeline
+
+    return save_pipeline(demo_model(), tmp_path_factory.mktemp("demo_pipeline") / "demo")
+
+
+def test_cli_dtype_bf16_computes_in_bf16_and_differs_from_fp32_by_the_measured_amount(
+        tmp_path, demo_folder):
+    from core_support import CAT
+
+    from nti_core.cli import main
+
+    reports, images = {}, {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        argv = ["edit", "--model", str(demo_folder), "--image", str(CAT), "--source",
+                "a photo of a cat sitting next to a mirror", "--target",
+                "a negative of a cat sitting next to a mirror", "--size", "64", "--steps", "4",
+                "--method", "null-text-fast", "--dtype", dtype, "--no-attention-maps",
+                "--out", str(out)]
+        assert main(argv) == 0
+        reports[dtype] = json.loads((out / "report.json").read_text())
+        from PIL import Image
+
+        with Image.open(out / "reconstruction.png") as im:
+            images[dtype] = torch.tensor(list(im.getdata()), dtype=torch.float32)
+    p = reports["bf16"]["precision"]
+    assert p["requested"] == "auto" and p["model_compute"] == "bfloat16"
+    assert p["optimisation_compute"] == ("bfloat16" if AUTO[torch.bfloat16] == "model"
+                                         else "float32")
+    assert reports["fp32"]["precision"]["optimisation_compute"] == "float32"
+    fp32, bf16 = (reports[d]["reconstruction"]["latent_mse"] for d in ("fp32", "bf16"))
+    assert bf16 <= 1.5 * fp32 + 1e-3, (fp32, bf16)  # measured: README, Precision
+    diff = (images["bf16"] - images["fp32"]).abs()
+    assert float(diff.mean()) > 0  # bf16 really ran
+    assert float(diff.mean()) < 8.0  # of 255: measured (README, Precision)
