@@ -75,8 +75,13 @@ class UNetCounter:
 
     def __init__(self, unet) -> None:
         self.rows = self.backward_rows = 0
-        unet.register_forward_pre_hook(self._pre, with_kwargs=True)
-        unet.register_forward_hook(self._post, with_kwargs=True)
+        self.handles = [unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        unet.register_forward_hook(self._post, with_kwargs=True)]
+
+    def remove(self) -> None:
+        """Take the hooks off the UNet."""
+        for h in self.handles:
+            h.remove()
 
     def _pre(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]

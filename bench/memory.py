@@ -26,9 +26,9 @@ stages, what the iteration keeps for its backward (``saved_tensors_hooks``, each
 
 Totals add the weights and what the stage keeps across steps (the trajectory, ∅, Adam state).
 Not counted: the CUDA context and cuBLAS/cuDNN workspaces (~0.3–0.5 GB), the allocator's
-fragmentation, ComfyUI's text encoders and VAE when it keeps them loaded. On ComfyUI with
-``precision fp32`` on a half model the backward also keeps ComfyUI's per-call fp32 weight copies
-("+ fp32 weight copies" column). Computed on the CPU: a GPU's ``torch.cuda.max_memory_allocated``
+fragmentation, ComfyUI's text encoders and VAE when it keeps them loaded. The last column is
+ComfyUI with ``precision fp32`` on the half model: its half weights, the per-call fp32 weight
+copies the backward keeps, and fp32 activations. Computed on the CPU: a GPU's ``torch.cuda.max_memory_allocated``
 (bench/gpu_check.py) is the measurement that confirms or corrects these numbers.
 """
 
@@ -283,22 +283,31 @@ def totals(r: dict) -> dict:
     return out
 
 
+def fp32_on_half(r: dict, results: list[dict], stage: str) -> float | None:
+    """ComfyUI with precision fp32 on this half model: its half weights, the per-call fp32
+    copies the backward keeps, and the fp32 run's activations."""
+    full = [x for x in results if x["family"] == r["family"] and x["dtype"] == "float32"]
+    if not full or not r["fp32_weight_copies"]:
+        return None
+    kept = sum(r["kept"].values())
+    return r["weights"] + r["fp32_weight_copies"] + kept + full[0][stage]["peak"]
+
+
 def table(results: list[dict]) -> str:
     lines = ["| family | dtype | stage | weights GB | kept for backward GB | stage peak GB | "
-             "total GB | + fp32 weight copies GB |",
+             "total GB | precision fp32 on ComfyUI GB |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         tot = totals(r)
         for s in STAGES:
             saved = r[s]["saved"]
             w = r["vae_weights"] if s == "VAE decode" else r["weights"]
-            copies = (f"{(tot[s] + r['fp32_weight_copies']) / GB:.2f}"
-                      if saved and r["fp32_weight_copies"] else "—")
+            cast = fp32_on_half(r, results, s) if saved else None
             lines.append(f"| {r['family']} {r['side']}² | {r['dtype']} | {s} | {w / GB:.2f} | "
-                         f"{saved / GB:.2f} | {r[s]['peak'] / GB:.2f} | {tot[s] / GB:.2f} | "
-                         f"{copies} |" if saved else
-                         f"| {r['family']} {r['side']}² | {r['dtype']} | {s} | {w / GB:.2f} | — | "
-                         f"{r[s]['peak'] / GB:.2f} | {tot[s] / GB:.2f} | — |")
+                         f"{saved / GB:.2f} | " if saved else
+                         f"| {r['family']} {r['side']}² | {r['dtype']} | {s} | {w / GB:.2f} | — | ")
+            lines[-1] += (f"{r[s]['peak'] / GB:.2f} | {tot[s] / GB:.2f} | "
+                          f"{'—' if cast is None else f'{cast / GB:.2f}'} |")
     return "\n".join(lines)
 
 

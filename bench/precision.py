@@ -63,13 +63,13 @@ def configs(dtypes: list[str]) -> list[tuple[str, torch.dtype, str]]:
     return out
 
 
-def optimise(m, traj, null, method: str, choice: str, tokens):
+def optimise(m, traj, null, method: str, choice: str, tokens, style_inner: int = 100):
     """∅ (and values) of ``method`` with the optimisation at ``choice``; the start of what is
     optimised, for the distance."""
     from nti_core import NullTextOptions, null_text_optimize
     from nti_core.null_text import direct_inversion, negative_prompt_inversion, plain_null
     from nti_core.precision import resolve
-    from nti_core.style import style_invert
+    from nti_core.style import StyleOptions, style_invert
 
     den = m.denoiser
     if method == "negative-prompt":
@@ -79,7 +79,8 @@ def optimise(m, traj, null, method: str, choice: str, tokens):
     prec = resolve(choice, den.dtype)
     with den.optimising(prec):
         if method == "styled":
-            return plain_null(traj, null), style_invert(den, traj, tokens, null, precision=prec)
+            return plain_null(traj, null), style_invert(
+                den, traj, tokens, null, StyleOptions(inner_steps=style_inner), precision=prec)
         opts = NullTextOptions(fast=method == "null-text-fast",
                                attention_weight=1.0 if method == "null-text+attention" else 0.0)
         return null_text_optimize(den, traj, null, opts, precision=prec), None
@@ -107,6 +108,7 @@ def run(a) -> dict:
     grid = make_grid(m.alphas_cumprod, a.steps)
     tokens = image_tokens(tiny_clip_vision(0), x) if "styled" in a.methods else None
     result: dict = {"model": m.name, "photo": photo, "size": a.size, "steps": a.steps,
+                    "style_inner_steps": a.style_inner,
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine(), "configs": {}}
     reference: dict[str, torch.Tensor] = {}
@@ -119,7 +121,7 @@ def run(a) -> dict:
         rows = {"_inversion_s": time.perf_counter() - t0}
         for method in a.methods:
             t0 = time.perf_counter()
-            uncond, values = optimise(m, traj, null, method, choice, tokens)
+            uncond, values = optimise(m, traj, null, method, choice, tokens, a.style_inner)
             seconds = time.perf_counter() - t0
             rec = p2p_sample(m.denoiser, traj, uncond, traj.embedding, values=values)
             what = values_at(values, traj) if values is not None else uncond.embeddings.float()
@@ -191,6 +193,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtypes", default="bf16,fp16")
     p.add_argument("--methods", default=",".join(OPTIMISING + SAMPLING_ONLY))
+    p.add_argument("--style-inner", type=int, default=100,
+                   help="StyleDiffusion's K (the official 100; less keeps the full-size UNet "
+                        "affordable on a CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None)
     a = p.parse_args()

@@ -97,7 +97,8 @@ class NTIDDIMInvert(io.ComfyNode):
         traj = ddim_invert(den, z0, cond.to(den.device), g, source_prompt.strip(),
                            record_maps=record_maps, progress=tick)
         recon = ddim_reconstruct(den, traj, progress=tick)
-        log.info("[NTI] DDIM inversion and round trip: %s, latent %dx%d, %.1f s", g.describe(),
-                 z0.shape[-2], z0.shape[-1], time.perf_counter() - start)
+        log.info("[NTI] DDIM inversion and round trip: %s, latent %dx%d, UNet attention in %s, "
+                 "%.1f s", g.describe(), z0.shape[-2], z0.shape[-1], den.seen(),
+                 time.perf_counter() - start)
         return io.NodeOutput(trajectory_to(traj, intermediate(), maps=True),
                              latent_out(model, recon))

@@ -111,8 +111,8 @@ class NTIP2PSample(io.ComfyNode):
         z = p2p_sample(den, traj, uncond_to(uncond, den.device), contexts, guidance=guidance,
                        controller=controller, values=values, value_end=value_end,
                        progress=progress_bar(traj.num_steps))
-        log.info("[NTI] P2P sampling: %d steps, %d prompts, %.1f s", traj.num_steps,
-                 contexts.shape[0], time.perf_counter() - start)
+        log.info("[NTI] P2P sampling: %d steps, %d prompts, UNet attention in %s, %.1f s",
+                 traj.num_steps, contexts.shape[0], den.seen(), time.perf_counter() - start)
         blend = controller.local_blend
         maps = None
         if maps_wanted:

@@ -251,7 +251,7 @@ def _attention_pngs(controller, spec: P2PSpec, tokenizer, num_steps: int, images
         Image.fromarray(grid).save(p)
         written.append(str(p))
         if am.mask is not None and row > 0:
-            m = (am.mask[row, 0].numpy() * 255).astype(np.uint8)
+            m = (am.mask[row, 0].cpu().numpy() * 255).astype(np.uint8)
             mp = out / f"blend_mask_{row}.png"
             Image.fromarray(m).save(mp)
             written.append(str(mp))

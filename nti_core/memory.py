@@ -22,6 +22,9 @@ import torch
 # iteration's live peak above the weights (the layers' inputs and one layer recomputed).
 SAVED_PER_PIXEL = {"sd1": 149_100, "sd2": 114_000, "sdxl": 298_000}
 CHECKPOINTED_PER_PIXEL = {"sd1": 28_100, "sd2": 25_500, "sdxl": 21_000}
+# Free memory must exceed the backward's estimate by this factor, else checkpointing goes on:
+# the allocator's fragmentation, kernel workspaces and the pass's transients are not counted.
+HEADROOM = 1.25
 
 
 def backward_bytes(family: str, latent_hw: tuple[int, int], dtype: torch.dtype,
@@ -39,6 +42,11 @@ def weight_copy_bytes(module: torch.nn.Module, compute: torch.dtype) -> int:
     return sum(p.numel() * compute.itemsize for p in module.parameters() if p.dtype != compute)
 
 
+def fits(need: int, free: int) -> bool:
+    """Whether ``need`` bytes fit in ``free`` with ``HEADROOM`` to spare."""
+    return need * HEADROOM <= free
+
+
 def checkpointing_needed(family: str, latent_hw: tuple[int, int], dtype: torch.dtype,
                          device: torch.device, extra: int = 0) -> bool:
     """Whether the backward (plus ``extra`` bytes, e.g. an fp32 copy of half weights) would not
@@ -47,4 +55,4 @@ def checkpointing_needed(family: str, latent_hw: tuple[int, int], dtype: torch.d
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return backward_bytes(family, latent_hw, dtype) + extra > free
+    return not fits(backward_bytes(family, latent_hw, dtype) + extra, free)

@@ -92,9 +92,12 @@ def resolve(requested: str, model: torch.dtype) -> Precision:
     """The optimisation's precision for a model that computes in ``model``."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
-    if model not in HALF:
+    if model in (torch.float32, torch.float64):
         return Precision(requested, model, model,
                          f"the model computes in {dtype_name(model)} already")
+    if model not in HALF:  # fp8 and the like: no optimisation runs in them
+        return Precision(requested, model, torch.float32,
+                         f"{dtype_name(model)} is no dtype to optimise in: fp32")
     if requested == "fp32":
         return Precision(requested, model, torch.float32, "as asked")
     if requested == "model":

@@ -56,8 +56,13 @@ def unet_config(family: Family) -> dict[str, Any]:
 
 
 def comfy_model(family: Family, prediction: str = "eps", zsnr: bool = False, seed: int = 0,
-                model_class: str | None = None) -> Any:
-    """A ModelPatcher over a small model of ``family`` built from ComfyUI's classes."""
+                model_class: str | None = None, dtype: torch.dtype | None = None,
+                inference: bool = False) -> Any:
+    """A ModelPatcher over a small model of ``family`` built from ComfyUI's classes.
+
+    ``dtype``: weights *and compute* in that dtype (no manual cast: what ComfyUI does on a GPU
+    that runs it; on the CPU it would cast half weights to fp32). ``inference``: built under
+    ``torch.inference_mode()``, as ComfyUI's loaders build a MODEL inside a node."""
     import comfy.model_base as mb
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -66,14 +71,17 @@ def comfy_model(family: Family, prediction: str = "eps", zsnr: bool = False, see
     config = config_class(unet_config(family))
     if zsnr:
         config.sampling_settings["zsnr"] = True
+    if dtype is not None:
+        config.set_inference_dtype(dtype, None)
     model_type = mb.ModelType.V_PREDICTION if prediction == "v" else mb.ModelType.EPS
     cls = getattr(mb, model_class) if model_class else (mb.SDXL if family is SDXL else mb.BaseModel)
-    model = cls(config, model_type=model_type)
-    gen = torch.Generator().manual_seed(seed)
-    sd = model.diffusion_model.state_dict()
-    values = {k: comfy_support._init_tensor(k, v.shape, gen) for k, v in sd.items()}
-    values["out.2.weight"] = values["out.2.weight"] * 0.1  # ε of sane size from random weights
-    model.diffusion_model.load_state_dict(values)
+    with torch.inference_mode(inference):
+        model = cls(config, model_type=model_type)
+        gen = torch.Generator().manual_seed(seed)
+        sd = model.diffusion_model.state_dict()
+        values = {k: comfy_support._init_tensor(k, v.shape, gen) for k, v in sd.items()}
+        values["out.2.weight"] = values["out.2.weight"] * 0.1  # ε of sane size from random weights
+        model.diffusion_model.load_state_dict(values)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 

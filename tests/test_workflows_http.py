@@ -43,7 +43,8 @@ NTI_NODES = {
     "NTIDDIMInvert": (["model", "clip", "latent", "source_prompt", "steps", "grid", "record_maps"],
                       ["NTI_TRAJECTORY", "LATENT"]),
     "NTINullTextOptimize": (["model", "clip", "trajectory", "guidance", "inner_steps",
-                             "early_stop", "method", "attention_loss"], ["NTI_UNCOND", "STRING"]),
+                             "early_stop", "method", "attention_loss", "precision"],
+                            ["NTI_UNCOND", "STRING"]),
     "NTIAttentionEditPlan": (["clip", "source_prompt", "target_prompts", "edit_kind",
                               "cross_start", "cross_end", "cross_words", "self_start", "self_end",
                               "reweight", "blend_words", "subtract_words", "blend_threshold",
@@ -53,7 +54,7 @@ NTI_NODES = {
     "NTISaveInversion": (["trajectory", "uncond", "filename_prefix"], []),
     "NTILoadInversion": (["model", "inversion"], ["NTI_TRAJECTORY", "NTI_UNCOND", "NTI_VALUES"]),
     "NTIStyleInvert": (["model", "clip", "clip_vision", "image", "trajectory", "guidance",
-                        "inner_steps", "attention_loss", "variant"],
+                        "inner_steps", "attention_loss", "variant", "precision"],
                        ["NTI_VALUES", "NTI_UNCOND", "STRING"]),
     "NTIAttentionMaps": (["image", "row", "sizes", "step_start", "step_end"], ["IMAGE", "MASK"]),
 }

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...memory import backward_bytes, weight_copy_bytes
+from ...memory import backward_bytes, fits, weight_copy_bytes
 from ...precision import Precision, dtype_name, resolve
 from ..base import Controller, Rows, Site, model_fingerprint, value_rows
 from .family import detect
@@ -120,7 +120,7 @@ class ComfyDenoiser:
             self.memory_required = full
             self.load()
             device = self.device
-            checkpointing = device.type != "cpu" and mm.get_free_memory(device) < full
+            checkpointing = device.type != "cpu" and not fits(full, mm.get_free_memory(device))
             if checkpointing:
                 log.info("[NTI] gradient checkpointing on: the backward needs %.1f GB, %.1f GB "
                          "free", full / 1e9, mm.get_free_memory(device) / 1e9)
@@ -129,12 +129,15 @@ class ComfyDenoiser:
             full = backward_bytes(self.family.key, latent_hw, compute, checkpointing=True) + copies
         self.checkpointing, self.memory_required = bool(checkpointing), full
 
+    def seen(self) -> str:
+        """The dtypes the attention hooks have received queries in, e.g. "bf16"."""
+        return ", ".join(sorted(dtype_name(d) for d in self.attention_dtypes)) or "none yet"
+
     def describe(self) -> str:
         """The optimisation's precision, what the attention hooks saw and checkpointing, for
         the node reports."""
-        seen = ", ".join(sorted(dtype_name(d) for d in self.attention_dtypes)) or "none yet"
-        return (f"{self.precision.describe()}\nattention inputs seen by the hooks: {seen}; "
-                f"gradient checkpointing {'on' if self.checkpointing else 'off'}")
+        return (f"{self.precision.describe()}\nattention inputs seen by the hooks: "
+                f"{self.seen()}; gradient checkpointing {'on' if self.checkpointing else 'off'}")
 
     def sigma(self, t: int) -> float:
         """σ_t exactly as ``model_sampling.sigmas[t]`` holds it (float32 value)."""
