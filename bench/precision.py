@@ -7,13 +7,14 @@ Each configuration is a (model dtype, optimisation precision) pair, ``nti_core.p
 - ``fp32``: everything in fp32 — the baseline;
 - ``bf16/model``, ``fp16/model``: the UNet in half precision for inversion, optimisation
   (forward and backward; ∅, Adam and the loss in fp32; fp16 with loss scaling) and sampling;
-- ``bf16/fp32``, ``fp16/fp32``: the half UNet for inversion and sampling, the optimisation's
-  passes in fp32 (what precision ``fp32`` does).
+- ``bf16/fp32``, ``fp16/fp32``: the half UNet for the inversion; the optimisation's passes and
+  the sampling with its ∅ in fp32 (what precision ``fp32`` does: sampling follows the dtype
+  the ∅ were optimised in, ``precision.sampling_dtype``).
 
 Half precision is real here: the UNet's weights and activations are bf16 / fp16 and PyTorch's
 CPU kernels compute in them (slowly: no bf16/fp16 units on most CPUs). Per method and
 configuration: the guidance-7.5 reconstruction's latent MSE against the photo's latent (sampled
-at the model's dtype, as a user samples), its ratio to all-fp32's, the distance of ∅ (of the
+in the dtype the ∅ were optimised in, as the CLI and P2P Sample sample), its ratio to all-fp32's, the distance of ∅ (of the
 values, for StyleDiffusion) from all-fp32's relative to how far all-fp32's moved from where it
 started, optimiser iterations, steps stopped early, loss-scaling skips and seconds. The last
 lines say, per half dtype, whether ``model`` kept every optimising method within 1.5× of
@@ -96,6 +97,7 @@ def run(a) -> dict:
     from nti_core import ddim_invert, make_grid
     from nti_core.hosts.diffusers import _cast
     from nti_core.hosts.diffusers_vision import image_tokens, tiny_clip_vision
+    from nti_core.precision import sampling_dtype
     from nti_core.sampling import p2p_sample
 
     torch.manual_seed(0)
@@ -123,7 +125,10 @@ def run(a) -> dict:
             t0 = time.perf_counter()
             uncond, values = optimise(m, traj, null, method, choice, tokens, a.style_inner)
             seconds = time.perf_counter() - t0
-            rec = p2p_sample(m.denoiser, traj, uncond, traj.embedding, values=values)
+            dtype_s = sampling_dtype(m.denoiser.dtype, uncond.compute,
+                                     values.compute if values is not None else "")
+            with m.denoiser.computing(dtype_s):  # as the CLI and P2P Sample sample
+                rec = p2p_sample(m.denoiser, traj, uncond, traj.embedding, values=values)
             what = values_at(values, traj) if values is not None else uncond.embeddings.float()
             row = {"latent_mse": float(F.mse_loss(rec.float(), z0)), "seconds": seconds}
             if label == "fp32":

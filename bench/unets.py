@@ -35,19 +35,26 @@ CONFIGS = {"sd1": SD15, "sd2": SD21, "sdxl": SDXL}
 SIDES = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # the image side each family was trained at
 
 
-def random_unet(family: str, seed: int = 0, out_gain: float = 0.1):
+def random_unet(family: str, seed: int = 0):
     """``UNet2DConditionModel`` of ``family`` with diffusers' own random initialisation (seeded,
-    fp32, CPU) and the last conv scaled by ``out_gain`` so that ε has the size of a trained
-    model's (about unit variance) instead of a random network's."""
+    fp32, CPU), its last conv scaled so that ε has unit standard deviation on a random 8×8
+    latent — the size of a trained model's ε, not a random network's (~0.3)."""
     from diffusers import UNet2DConditionModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**CONFIGS[family])
+        unet = UNet2DConditionModel(**CONFIGS[family]).eval().requires_grad_(False)
+        z = torch.randn(1, 4, 8, 8)
+        context = torch.randn(1, 77, CONFIGS[family]["cross_attention_dim"])
+        extra = {}
+        if "addition_embed_type" in CONFIGS[family]:
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280),
+                                          "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
-        unet.conv_out.weight.mul_(out_gain)
-        unet.conv_out.bias.mul_(out_gain)
-    return unet.eval().requires_grad_(False)
+        std = float(unet(z, 500, encoder_hidden_states=context, **extra).sample.std())
+        unet.conv_out.weight.div_(std)
+        unet.conv_out.bias.div_(std)
+    return unet
 
 
 def meta_unet(family: str):

@@ -96,12 +96,14 @@ def _embedding(family: Family, clip: Any, tokens: dict, what: str) -> Tensor:
 
 
 def make_denoiser(model: Any, for_grad: bool = False, clip: Any = None,
-                  precision: str = "auto", latent_hw: tuple[int, int] | None = None
-                  ) -> ComfyDenoiser:
+                  precision: str = "auto", latent_hw: tuple[int, int] | None = None,
+                  compute: torch.dtype | None = None) -> ComfyDenoiser:
     """The ``nti_core`` denoiser on a hooked clone of ``model`` (the input MODEL is untouched);
     with ``clip``, refuse a CLIP of another family first. ``for_grad``: for an optimisation at
-    ``precision`` on latents of ``latent_hw`` (what ComfyUI is asked to free for the backward)."""
-    den = ComfyDenoiser(model, for_grad=for_grad, precision=precision, latent_hw=latent_hw)
+    ``precision`` on latents of ``latent_hw`` (what ComfyUI is asked to free for the backward);
+    ``compute``: sampling in the dtype the ∅ were optimised in."""
+    den = ComfyDenoiser(model, for_grad=for_grad, precision=precision, latent_hw=latent_hw,
+                        compute=compute)
     if clip is not None:
         check_pair(den.family, clip)
     return den

@@ -10,7 +10,9 @@ import torch
 from comfy_api.latest import io
 
 from ..nti_core.attention.maps import AttentionMaps
+from ..nti_core.hosts.comfy import model_compute_dtype
 from ..nti_core.null_text import check_trajectory_model
+from ..nti_core.precision import sampling_dtype
 from ..nti_core.sampling import p2p_sample
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from . import types
@@ -103,7 +105,8 @@ class NTIP2PSample(io.ComfyNode):
             log.warning("[NTI] sampling at guidance %g with ∅ made for %g (%s): the "
                         "reconstruction will not match the photo exactly", guidance,
                         uncond.guidance, uncond.method)
-        den = make_denoiser(model)
+        den = make_denoiser(model, compute=sampling_dtype(  # the dtype ∅ was optimised in
+            model_compute_dtype(model), uncond.compute, values.compute if values else ""))
         check_trajectory_model(trajectory, den)
         traj = trajectory_to(trajectory, den.device)
         contexts = torch.cat([traj.embedding, plan.targets.to(traj.embedding)])

@@ -24,7 +24,7 @@ from .null_text import (
     null_text_optimize,
     plain_null,
 )
-from .precision import Precision, resolve
+from .precision import Precision, resolve, sampling_dtype
 from .progress import Progress, no_progress
 from .sampling import p2p_sample
 from .schedule import GridKind, make_grid
@@ -157,7 +157,8 @@ def edit(
     progress: Progress = no_progress,
 ) -> Tensor:
     """Latents [1 + K, 4, h, w]: the reconstruction, then one edit per target prompt
-    (with StyleDiffusion's values: targets read them while step < ``value_end``·N)."""
+    (with StyleDiffusion's values: targets read them while step < ``value_end``·N). The UNet
+    samples in the dtype the ∅ (and values) were optimised in (``precision.sampling_dtype``)."""
     if spec.source != inv.trajectory.prompt:
         raise ValueError(
             f"the edit's source prompt {spec.source!r} is not the inversion's "
@@ -167,6 +168,9 @@ def edit(
     ctrl = controller or build_controller(model, spec, traj.num_steps,
                                           latent_hw=tuple(traj.latents.shape[-2:]))
     contexts = torch.cat([inv.trajectory.embedding] + [model.encode_prompt(t) for t in spec.targets])
-    return p2p_sample(model.denoiser, inv.trajectory, inv.uncond, contexts,
-                      guidance=guidance, controller=ctrl, values=inv.values, value_end=value_end,
-                      progress=progress)
+    dtype = sampling_dtype(model.denoiser.dtype, inv.uncond.compute,
+                           inv.values.compute if inv.values is not None else "")
+    with model.denoiser.computing(dtype):  # in the dtype the ∅ were optimised in
+        return p2p_sample(model.denoiser, inv.trajectory, inv.uncond, contexts,
+                          guidance=guidance, controller=ctrl, values=inv.values,
+                          value_end=value_end, progress=progress)

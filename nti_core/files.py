@@ -71,7 +71,7 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
             "first_loss": uncond.first_loss, "iterations": uncond.iterations,
             "seconds": uncond.seconds, "attention_weight": uncond.attention_weight,
             "attention_loss": uncond.attention_loss, "precision": uncond.precision,
-            "skipped": uncond.skipped,
+            "skipped": uncond.skipped, "compute": uncond.compute,
         })
     if values is not None:
         values.check_for(traj)
@@ -85,6 +85,7 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
             "first_loss": values.first_loss, "iterations": values.iterations,
             "attention_weight": values.attention_weight, "attention_loss": values.attention_loss,
             "seconds": values.seconds, "precision": values.precision, "skipped": values.skipped,
+            "compute": values.compute,
         })
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def load_inversion_all(
                                   info["final_loss"], info["first_loss"], info["iterations"],
                                   float(info["seconds"]), float(info.get("attention_weight", 0.0)),
                                   info.get("attention_loss", []), info.get("precision", ""),
-                                  int(info.get("skipped", 0)))
+                                  int(info.get("skipped", 0)), info.get("compute", ""))
     values = None
     if "value_shift" in t:
         v = json.loads(meta["values"])
@@ -169,5 +170,5 @@ def load_inversion_all(
             v["variant"], v["encoder"], float(v["guidance"]), v["prompt"], t["value_pivot"],
             v["final_loss"], v["first_loss"], v["iterations"], float(v["attention_weight"]),
             v["attention_loss"], float(v["seconds"]), v.get("precision", ""),
-            int(v.get("skipped", 0)))
+            int(v.get("skipped", 0)), v.get("compute", ""))
     return traj, uncond, values

@@ -20,7 +20,7 @@ from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
 from .finite import check_finite
 from .hosts.base import Denoiser, Rows, compute_dtype, same_model
-from .precision import LossScaler, Precision
+from .precision import LossScaler, Precision, dtype_key
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, UncondEmbeddings, stack
@@ -272,6 +272,7 @@ def null_text_optimize(
         attention_loss=map_err,
         precision="" if precision is None else precision.describe(),
         skipped=scaler.skipped,
+        compute=dtype_key(dtype),
     )
 
 

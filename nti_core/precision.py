@@ -107,6 +107,28 @@ def resolve(requested: str, model: torch.dtype) -> Precision:
                      f"{dtype_name(model)}: {AUTO_WHY[choice]}")
 
 
+def dtype_key(dtype: torch.dtype | None) -> str:
+    """How a dtype is recorded with ∅ and values (``UncondEmbeddings.compute``): "float32"…"""
+    return "" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def sampling_dtype(model: torch.dtype, *optimised: str) -> torch.dtype:
+    """The dtype sampling with ∅ (and values) optimised in ``optimised`` (their ``compute``)
+    computes in: the optimisation's, whatever the model's — ∅ fits the rounding of the UNet it
+    was optimised through, and sampling it through another costs more than either dtype alone
+    (measured, docs/precision.md); the model's when nothing was optimised ("")."""
+    kinds = {c for c in optimised if c}
+    if len(kinds) > 1:
+        raise ValueError(f"∅ and the values were optimised in different dtypes {sorted(kinds)}: "
+                         "optimise both with the same precision")
+    if not kinds:
+        return model
+    dtype = getattr(torch, kinds.pop(), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown optimisation dtype {optimised!r}")
+    return dtype
+
+
 def all_fp32() -> Precision:
     """What the engine does when no precision is given: an fp32 model, fp32 optimisation."""
     return resolve("auto", torch.float32)

@@ -51,7 +51,7 @@ from .null_text import (
     fit_step,
     loss_scaler,
 )
-from .precision import Precision
+from .precision import Precision, dtype_key
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, ValueEmbeddings, pivot_fingerprint
@@ -226,4 +226,5 @@ def style_invert(
         seconds=time.perf_counter() - start,
         precision="" if precision is None else precision.describe(),
         skipped=scaler.skipped,
+        compute=dtype_key(dtype),
     )

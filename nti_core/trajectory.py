@@ -82,6 +82,7 @@ class UncondEmbeddings:
     attention_loss: list[float] = field(default_factory=list)  # per step, at the last iteration
     precision: str = ""  # Precision.describe() of the optimisation ("" = not optimised)
     skipped: int = 0  # Adam steps skipped by fp16 loss scaling (gradients overflowed)
+    compute: str = ""  # the dtype the UNet computed in while optimising ("" = not optimised)
 
     @property
     def num_steps(self) -> int:
@@ -156,6 +157,7 @@ class ValueEmbeddings:
     seconds: float = 0.0
     precision: str = ""  # Precision.describe() of the optimisation
     skipped: int = 0  # Adam steps skipped by fp16 loss scaling
+    compute: str = ""  # the dtype the UNet computed in while optimising
 
     @property
     def num_steps(self) -> int:

@@ -40,6 +40,7 @@ def run(model: Any, z0: torch.Tensor, precision: str = "model", **grad_kwargs):
         opt = ComfyDenoiser(model, for_grad=True, precision=precision, **grad_kwargs)
         uncond = null_text_optimize(opt, traj, null, NullTextOptions(fast=True),
                                     precision=opt.precision)
+    run.traj = traj  # for tests that sample again
     return den, opt, uncond, p2p_sample(den, traj, uncond, traj.embedding)
 
 
@@ -196,3 +197,22 @@ def test_a_partially_loaded_model_differentiates_like_a_loaded_one(comfy_root, z
         den.patcher.unpatch_model()
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[True][1], grads[False][1], rtol=1e-4, atol=1e-9)
+
+
+def test_sampling_follows_the_dtype_the_uncond_was_optimised_in(comfy_root, z0) -> None:
+    """precision fp32 on a bf16 model: the optimisation and the sampling with its ∅ compute in
+    fp32 (P2P Sample builds its denoiser with ``sampling_dtype``); precision model: both bf16."""
+    from nti_core.hosts.comfy import ComfyDenoiser, model_compute_dtype
+    from nti_core.precision import sampling_dtype
+
+    family = KINDS["sd1-eps"][0]
+    model = comfy_model(family, seed=3, dtype=torch.bfloat16, inference=True)
+    for precision, expected in (("fp32", torch.float32), ("model", torch.bfloat16)):
+        _, opt, uncond, _ = run(model, z0, precision)
+        assert uncond.compute == str(expected).removeprefix("torch.")
+        dtype = sampling_dtype(model_compute_dtype(model), uncond.compute)
+        den = ComfyDenoiser(model, compute=dtype)
+        p2p_sample(den, run.traj, uncond, run.traj.embedding)
+        assert den.dtype == expected and den.attention_dtypes == {expected}
+        assert opt.attention_dtypes == {expected}
+    assert model.model.manual_cast_dtype is None  # the MODEL itself still computes in bf16

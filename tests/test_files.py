@@ -35,6 +35,20 @@ def test_round_trip_keeps_everything(tmp_path, inversion):
     assert u2.method == "negative-prompt" and u2.guidance == 7.5
 
 
+def test_the_optimisations_precision_travels_with_the_file(tmp_path, inversion):
+    """What sampling needs to know (the dtype ∅ was optimised in) and the report's precision
+    line are saved; a file without them (written before) loads with none."""
+    import dataclasses
+
+    den, traj, npi = inversion
+    made = dataclasses.replace(npi, compute="bfloat16", skipped=2,
+                               precision="precision model: UNet forward and backward in bf16")
+    _, u2 = load_inversion(save_inversion(tmp_path / "bf16", traj, made), den.fingerprint())
+    assert (u2.compute, u2.skipped, u2.precision) == (made.compute, 2, made.precision)
+    _, u3 = load_inversion(save_inversion(tmp_path / "plain", traj, npi), den.fingerprint())
+    assert (u3.compute, u3.skipped, u3.precision) == ("", 0, "")
+
+
 def test_other_model_is_refused(tmp_path, inversion):
     _, traj, npi = inversion
     p = save_inversion(tmp_path / "cat.safetensors", traj, npi)

@@ -274,3 +274,25 @@ def test_checkpointing_goes_on_where_the_backward_does_not_fit_the_free_gpu_memo
         assert checkpointing_needed("sdxl", (128, 128), torch.float16,
                                     torch.device("cuda")) is expected
     assert not checkpointing_needed("sdxl", (128, 128), torch.float16, torch.device("cpu"))
+
+
+def test_the_cli_pipeline_samples_in_the_dtype_the_uncond_was_optimised_in() -> None:
+    """editing.invert at precision fp32 on a bf16 model, then editing.edit: the UNet computes
+    in fp32 for the optimisation and for the sampling with its ∅, and is bf16 again after."""
+    from nti_core.attention.plan import P2PSpec
+    from nti_core.editing import edit, invert
+    from nti_core.hosts.diffusers import _cast
+
+    m, z0, _, _, _, prompt = _demo_setup(steps=2)
+    try:
+        _cast(m.unet, torch.bfloat16)
+        spy = DtypeSpy(m.unet)
+        inv = invert(m, z0, prompt, steps=2, method="null-text-fast", precision="fp32")
+        assert inv.uncond.compute == "float32" and spy.inputs == {torch.bfloat16, torch.float32}
+        spy.inputs.clear()
+        edit(m, inv, P2PSpec(prompt, ("a negative of a cat sitting next to a mirror",)))
+        assert spy.inputs == {torch.float32}
+        spy.close()
+        assert m.denoiser.dtype == torch.bfloat16
+    finally:
+        _cast(m.unet, torch.float32)

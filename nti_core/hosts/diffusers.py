@@ -154,18 +154,15 @@ class DiffusersDenoiser:
         return self._fingerprint
 
     @contextlib.contextmanager
-    def optimising(self, precision: Precision, checkpointing: bool = False) -> Iterator[None]:
-        """The UNet as an optimisation needs it, restored on exit: at ``precision.compute`` (a
-        half UNet cast to fp32 and back is bit-identical: every half value is exact in fp32)
-        and, with ``checkpointing``, diffusers' gradient checkpointing of its blocks (the
-        per-call state travels with the call, so a block recomputed in the backward sees its
-        own forward's controller and values)."""
+    def computing(self, dtype: torch.dtype, checkpointing: bool = False) -> Iterator[None]:
+        """The UNet in ``dtype`` for the block, restored on exit (a half UNet cast to fp32 and
+        back is bit-identical: every half value is exact in fp32); with ``checkpointing``,
+        diffusers' gradient checkpointing of its blocks (the per-call state travels with the
+        call, so a block recomputed in the backward sees its own forward's controller and
+        values)."""
         own = self.dtype
-        if precision.model != own:
-            raise ValueError(f"the precision was resolved for a {precision.model} model, this "
-                             f"UNet computes in {own}")
-        if precision.compute != own:
-            _cast(self.unet, precision.compute)
+        if dtype != own:
+            _cast(self.unet, dtype)
         if checkpointing:
             self.unet.enable_gradient_checkpointing()
         try:
@@ -173,8 +170,15 @@ class DiffusersDenoiser:
         finally:
             if checkpointing:
                 self.unet.disable_gradient_checkpointing()
-            if precision.compute != own:
+            if dtype != own:
                 _cast(self.unet, own)
+
+    def optimising(self, precision: Precision, checkpointing: bool = False):
+        """``computing`` for an optimisation at ``precision`` (resolved for this UNet's dtype)."""
+        if precision.model != self.dtype:
+            raise ValueError(f"the precision was resolved for a {precision.model} model, this "
+                             f"UNet computes in {self.dtype}")
+        return self.computing(precision.compute, checkpointing)
 
     def eps(
         self,

@@ -60,12 +60,14 @@ class ComfyDenoiser:
     result, activations recomputed in the backward instead of kept. Build the graph inside
     ``autograd()``. ``separate_calls`` runs every chunk (branch) in its own UNet call, as
     ComfyUI does under memory pressure. ``attention_dtypes`` collects the dtypes of the queries
-    the attention hooks received (what the UNet really computed in).
+    the attention hooks received (what the UNet really computed in). ``compute`` makes a
+    sampling denoiser compute in another dtype than the MODEL (ComfyUI casts per layer): the
+    dtype the ∅ it samples with were optimised in (``precision.sampling_dtype``).
     """
 
     def __init__(self, model: Any, *, for_grad: bool = False, separate_calls: bool = False,
                  precision: str = "auto", latent_hw: tuple[int, int] | None = None,
-                 checkpointing: bool | None = None):
+                 checkpointing: bool | None = None, compute: torch.dtype | None = None):
         self.family = detect(model)
         self.source = model
         self.for_grad = for_grad
@@ -77,6 +79,8 @@ class ComfyDenoiser:
         self.checkpointing = False
         self.memory_required = 0
         self.attention_dtypes: set[torch.dtype] = set()
+        if compute is not None and compute != model_compute_dtype(model):
+            self.patcher.set_model_compute_dtype(compute)  # sampling with ∅ made in ``compute``
         if for_grad:
             prepare_for_grad(self.patcher, self.precision.compute)
             if latent_hw is not None:
