@@ -84,7 +84,7 @@ def subject(name: str, side: int, device: torch.device, smoke: bool) -> Subject:
             from unets import random_unet
 
             m = demo
-            unet = random_unet("sd1").to(device)
+            unet = random_unet("sd1", device=device)
             den = DiffusersDenoiser(unet, demo.alphas_cumprod)
             return Subject(name, unet, den, z0, demo.encode_prompt(source),
                            demo.encode_prompt(target), demo.encode_prompt(""), tokens)
@@ -96,7 +96,7 @@ def subject(name: str, side: int, device: torch.device, smoke: bool) -> Subject:
         else:
             from unets import random_unet
 
-            unet = random_unet("sdxl").to(device)
+            unet = random_unet("sdxl", device=device)
             den = DiffusersDenoiser(unet, demo.alphas_cumprod, SDXL)
             g = torch.Generator().manual_seed(0)
 

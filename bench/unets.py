@@ -35,13 +35,14 @@ CONFIGS = {"sd1": SD15, "sd2": SD21, "sdxl": SDXL}
 SIDES = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # the image side each family was trained at
 
 
-def random_unet(family: str, seed: int = 0):
+def random_unet(family: str, seed: int = 0, device: str | torch.device = "cpu"):
     """``UNet2DConditionModel`` of ``family`` with diffusers' own random initialisation (seeded,
-    fp32, CPU), its last conv scaled so that ε has unit standard deviation on a random 8×8
-    latent — the size of a trained model's ε, not a random network's (~0.3)."""
+    fp32, made on ``device``), its last conv scaled so that ε has unit standard deviation on a
+    random 8×8 latent — the size of a trained model's ε, not a random network's (~0.3)."""
     from diffusers import UNet2DConditionModel
 
-    with torch.random.fork_rng(devices=[]):
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**CONFIGS[family]).eval().requires_grad_(False)
         z = torch.randn(1, 4, 8, 8)

@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from workflow_api import find_nodes, set_input, ui_to_api
+from workflow_api import find_nodes, save_latents, set_input, ui_to_api
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +79,7 @@ def small_workflow(object_info: dict, family: str, method: str) -> dict[str, Any
     set_input(api, "NTINullTextOptimize", "method", method)
     (save,) = find_nodes(api, "SaveImage")
     api[save]["inputs"]["filename_prefix"] = f"test/{family}_{method}"
-    (encode,) = find_nodes(api, "VAEEncode")
-    (sample,) = find_nodes(api, "NTIP2PSample")
-    api["902"] = {"class_type": "SaveLatent",
-                  "inputs": {"samples": [encode, 0], "filename_prefix": f"test/{family}_photo"}}
-    api["903"] = {"class_type": "SaveLatent",
-                  "inputs": {"samples": [sample, 0], "filename_prefix": f"test/{family}_{method}"}}
-    return api
+    return save_latents(api, f"test/{family}_photo", f"test/{family}_{method}")
 
 
 def latents(server: http_support.ComfyServer, entry: dict, node_id: str) -> torch.Tensor:

@@ -24,9 +24,9 @@ import http_support
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from test_families_http import latents as latent
 from test_workflows_http import NULL_TEXT_WORKFLOWS, SDXL_WORKFLOW, STYLED, load_ui, small
-from workflow_api import find_nodes, set_input, ui_to_api
+from workflow_api import find_nodes, save_latents, set_input, ui_to_api
 
 from nti_core.precision import AUTO, dtype_name
 
@@ -69,25 +69,10 @@ def half_info(half_server) -> dict[str, Any]:
     return half_server[1].get("/object_info", timeout=60).body
 
 
-def with_latents(api: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Also save the photo's latent (node 902) and P2P Sample's latents (node 903)."""
-    (encode,) = find_nodes(api, "VAEEncode")
-    (sample,) = find_nodes(api, "NTIP2PSample")
-    api["902"] = {"class_type": "SaveLatent",
-                  "inputs": {"samples": [encode, 0], "filename_prefix": f"{prefix}_photo"}}
-    api["903"] = {"class_type": "SaveLatent",
-                  "inputs": {"samples": [sample, 0], "filename_prefix": f"{prefix}_rows"}}
-    return api
-
-
-def latent(server: http_support.ComfyServer, entry: dict, node_id: str) -> torch.Tensor:
-    (record,) = entry["outputs"][node_id]["latents"]
-    return load_file(str(server.image_file(record)))["latent_tensor"].double()
-
-
 def run_small(server, info, workflow: str, prefix: str,
               overrides: dict[tuple[str, str], Any] | None = None) -> tuple[dict, dict]:
-    api = with_latents(small(ui_to_api(load_ui(workflow), info), prefix), prefix)
+    api = save_latents(small(ui_to_api(load_ui(workflow), info), prefix), f"{prefix}_photo",
+                       f"{prefix}_rows")
     for (node, name), value in (overrides or {}).items():
         set_input(api, node, name, value)
     return api, server.run(api, timeout=1800)
@@ -166,8 +151,8 @@ def test_half_precision_reconstruction_is_within_the_measured_bound_of_fp32(
 @pytest.mark.slow
 def test_sdxl_workflow_computes_in_half_precision(half_server, half_info) -> None:
     name, server = half_server
-    api = with_latents(small(ui_to_api(load_ui(SDXL_WORKFLOW), half_info),
-                             f"test/{name}_sdxl"), f"test/{name}_sdxl")
+    api = save_latents(small(ui_to_api(load_ui(SDXL_WORKFLOW), half_info), f"test/{name}_sdxl"),
+                       f"test/{name}_sdxl_photo", f"test/{name}_sdxl_rows")
     set_input(api, "CheckpointLoaderSimple", "ckpt_name", SDXL_CKPT)
     entry = server.run(api, timeout=3600)
     (save,) = find_nodes(api, "SaveImage")

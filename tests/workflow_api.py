@@ -141,6 +141,19 @@ def set_input(
     return ids
 
 
+def save_latents(prompt: dict[str, dict[str, Any]], photo_prefix: str,
+                 rows_prefix: str) -> dict[str, dict[str, Any]]:
+    """Also save the photo's latent (test node 902, from VAE Encode) and P2P Sample's latents
+    (node 903) as files, for comparisons in latent space."""
+    (encode,) = find_nodes(prompt, "VAEEncode")
+    (sample,) = find_nodes(prompt, "NTIP2PSample")
+    prompt["902"] = {"class_type": "SaveLatent",
+                     "inputs": {"samples": [encode, 0], "filename_prefix": photo_prefix}}
+    prompt["903"] = {"class_type": "SaveLatent",
+                     "inputs": {"samples": [sample, 0], "filename_prefix": rows_prefix}}
+    return prompt
+
+
 # --------------------------------------------------------------------------- lint of UI files
 
 
