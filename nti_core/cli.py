@@ -22,7 +22,7 @@ import torch
 from .attention.plan import EDIT_MODES, SELF_LIMITS, P2PSpec
 from .editing import METHODS, OPTIMISED
 from .null_text import NULL_TEXT_METHODS, NullTextOptions
-from .precision import PRECISIONS
+from .precision import PRECISIONS, dtype_key, sampling_dtype
 from .progress import Progress
 from .schedule import GRID_KINDS
 from .style import StyleOptions
@@ -209,10 +209,13 @@ def cmd_edit(a: argparse.Namespace) -> dict:
               "paths": paths, "contact_sheet": str(sheet), "uncond": inv.uncond.report(),
               "grid": inv.trajectory.grid.describe(), "timings": inv.timings,
               "dtype": a.dtype,
+              "sampling_compute": dtype_key(sampling_dtype(
+                  model.denoiser.dtype, inv.uncond.compute,
+                  inv.values.compute if inv.values is not None else "")),
               "precision": None if inv.precision is None else {
                   "requested": inv.precision.requested,
-                  "optimisation_compute": str(inv.precision.compute).removeprefix("torch."),
-                  "model_compute": str(inv.precision.model).removeprefix("torch."),
+                  "optimisation_compute": dtype_key(inv.precision.compute),
+                  "model_compute": dtype_key(inv.precision.model),
                   "described": inv.precision.describe(),
                   "gradient_checkpointing": inv.checkpointing}}
     if inv.values is not None:

@@ -21,8 +21,12 @@ optimisation has a choice, ``precision``:
   code's choice: "fp16 optimisation fails"); costs an fp32 copy of the weights and twice the
   activation memory.
 - ``auto`` (the default): ``model`` where its reconstruction error was measured within 1.5× of
-  fp32's, else ``fp32`` — ``AUTO`` holds the decision per dtype, ``docs/precision.md`` the
-  measurements behind it.
+  fp32's, else ``fp32`` — ``AUTO`` holds the decision per dtype (fp16: model; bf16: fp32),
+  ``docs/precision.md`` the measurements behind it.
+
+Sampling with ∅ (or values) computes in the dtype they were optimised in (``sampling_dtype``):
+∅ fits the rounding of the UNet it was optimised through, and ∅ optimised in fp32 sampled
+through a bf16 UNet was measured worse than either dtype alone.
 
 The resolved choice says in words what it is and why (``Precision.describe``): the node reports
 and the CLI's report.json show it, so no choice is ever changed silently.
@@ -40,13 +44,16 @@ HALF = (torch.float16, torch.bfloat16)
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64"}
 
-# What ``auto`` picks for a half-precision model: measured on the CPU in real bf16 and fp16
-# compute (docs/precision.md, bench/precision.py); ``model`` where every optimising method's
-# reconstruction error stayed within 1.5× of all-fp32's.
-AUTO: dict[torch.dtype, str] = {torch.bfloat16: "model", torch.float16: "model"}
+# What ``auto`` picks for a half-precision model, measured on the CPU in real bf16 and fp16
+# compute (bench/precision.py, docs/precision.md): ``model`` where every optimising method's
+# reconstruction error stayed within 1.5× of fp32's, else ``fp32``.
+AUTO: dict[torch.dtype, str] = {torch.float16: "model", torch.bfloat16: "fp32"}
 AUTO_WHY = {
-    "model": "its reconstruction error was measured within 1.5× of fp32's (docs/precision.md)",
-    "fp32": "its reconstruction error was measured above 1.5× of fp32's (docs/precision.md)",
+    torch.float16: "fp16's reconstruction error was measured within 1.5× of fp32's "
+                   "(1.01–1.05×, docs/precision.md)",
+    torch.bfloat16: "bf16's reconstruction error was measured at 2.3–3.3× of fp32's (its 8-bit "
+                    "mantissa, amplified by guidance; docs/precision.md): 'model' halves the "
+                    "memory at that cost",
 }
 
 
@@ -102,9 +109,8 @@ def resolve(requested: str, model: torch.dtype) -> Precision:
         return Precision(requested, model, torch.float32, "as asked")
     if requested == "model":
         return Precision(requested, model, model, "as asked")
-    choice = AUTO[model]
-    return Precision(requested, model, model if choice == "model" else torch.float32,
-                     f"{dtype_name(model)}: {AUTO_WHY[choice]}")
+    return Precision(requested, model, model if AUTO[model] == "model" else torch.float32,
+                     AUTO_WHY[model])
 
 
 def dtype_key(dtype: torch.dtype | None) -> str:

@@ -229,36 +229,43 @@ def demo_folder(tmp_path_factory):
 
 def test_cli_dtype_bf16_computes_in_bf16_and_differs_from_fp32_by_the_measured_amount(
         tmp_path, demo_folder):
+    """--dtype bf16 loads and inverts in bf16; --precision auto then optimises and samples in
+    fp32 (precision.AUTO), --precision model in bf16. Measured at 64², 4 steps (printed):
+    auto's reconstruction error 1.005× fp32's, model's 1.70×; their pixels differ from fp32's
+    by 0.18/255 and 1.58/255 on average."""
     from core_support import CAT
 
     from nti_core.cli import main
 
     reports, images = {}, {}
-    for dtype in ("fp32", "bf16"):
-        out = tmp_path / dtype
+    for name, dtype, precision in (("fp32", "fp32", "auto"), ("bf16", "bf16", "auto"),
+                                   ("bf16 model", "bf16", "model")):
+        out = tmp_path / name.replace(" ", "_")
         argv = ["edit", "--model", str(demo_folder), "--image", str(CAT), "--source",
                 "a photo of a cat sitting next to a mirror", "--target",
                 "a negative of a cat sitting next to a mirror", "--size", "64", "--steps", "4",
-                "--method", "null-text-fast", "--dtype", dtype, "--no-attention-maps",
-                "--out", str(out)]
+                "--method", "null-text-fast", "--dtype", dtype, "--precision", precision,
+                "--no-attention-maps", "--out", str(out)]
         assert main(argv) == 0
-        reports[dtype] = json.loads((out / "report.json").read_text())
+        reports[name] = json.loads((out / "report.json").read_text())
         from PIL import Image
 
         with Image.open(out / "reconstruction.png") as im:
-            images[dtype] = torch.from_numpy(np.asarray(im, dtype=np.float32))
-    p = reports["bf16"]["precision"]
-    assert p["requested"] == "auto" and p["model_compute"] == "bfloat16"
-    assert p["optimisation_compute"] == ("bfloat16" if AUTO[torch.bfloat16] == "model"
-                                         else "float32")
+            images[name] = torch.from_numpy(np.asarray(im, dtype=np.float32))
+    auto, model = reports["bf16"]["precision"], reports["bf16 model"]["precision"]
+    assert auto["model_compute"] == model["model_compute"] == "bfloat16"
+    expected = "bfloat16" if AUTO[torch.bfloat16] == "model" else "float32"
+    assert auto["optimisation_compute"] == reports["bf16"]["sampling_compute"] == expected
+    assert model["optimisation_compute"] == reports["bf16 model"]["sampling_compute"] \
+        == "bfloat16"
     assert reports["fp32"]["precision"]["optimisation_compute"] == "float32"
-    fp32, bf16 = (reports[d]["reconstruction"]["latent_mse"] for d in ("fp32", "bf16"))
-    diff = (images["bf16"] - images["fp32"]).abs()
-    print(f"CLI --dtype bf16 vs fp32: reconstruction latent MSE {bf16:.3e} vs {fp32:.3e}, "
-          f"pixels differ by {float(diff.mean()):.2f}/255 on average")
-    assert bf16 <= 1.5 * fp32 + 1e-3, (fp32, bf16)  # measured: README, Precision
-    assert float(diff.mean()) > 0  # bf16 really ran
-    assert float(diff.mean()) < 8.0  # of 255: measured (README, Precision)
+    err = {k: r["reconstruction"]["latent_mse"] for k, r in reports.items()}
+    diff = {k: float((images[k] - images["fp32"]).abs().mean()) for k in ("bf16", "bf16 model")}
+    print(f"CLI --dtype bf16 vs fp32: reconstruction latent MSE {err}, mean pixel "
+          f"difference to fp32 {diff} (of 255)")
+    assert all(d > 0 for d in diff.values())  # bf16 really ran (inversion, text, VAE)
+    assert err["bf16"] <= 1.1 * err["fp32"] and err["bf16 model"] <= 2.0 * err["fp32"]
+    assert all(d < 2.0 for d in diff.values())
 
 
 def test_checkpointing_goes_on_where_the_backward_does_not_fit_the_free_gpu_memory(monkeypatch):
