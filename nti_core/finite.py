@@ -43,12 +43,13 @@ def check_finite(stage: str, *, step: int | None = None, dtype: torch.dtype | No
     """Raise ``NonFiniteError`` when any of ``values`` (name → tensor) holds NaN or inf.
 
     One sync for all of them; the message names the first non-finite one, e.g. "NaN in ε at
-    step 12 of P2P sampling (UNet in fp16): fp16 overflow in the UNet: …".
+    step 12 of P2P sampling (fp16): fp16 overflow in the UNet: …".
     """
     present = [(k, v) for k, v in values.items() if v is not None]
     if not present:
         return
-    flags = torch.stack([v.detach().isfinite().all() for _, v in present])
+    device = present[0][1].device
+    flags = torch.stack([v.detach().isfinite().all().to(device) for _, v in present])
     if bool(flags.all()):
         return
     name, bad = present[int((~flags).nonzero()[0, 0])]

@@ -5,7 +5,9 @@
 | DDIM inversion                 | the model's dtype                    | the trajectory z*_0…T, DDIM steps |
 | null-text / StyleDiffusion     | ``Precision.compute``, forward *and* | ∅, the mapping networks, Adam     |
 |   optimisation                 | backward (see ``resolve``)           | state, the loss, z̄                |
-| P2P sampling, reconstruction   | the model's dtype                    | latents, the CFG sum, LocalBlend  |
+| P2P sampling                   | the dtype the ∅ / values were        | latents, the CFG sum, LocalBlend  |
+|                                |   optimised in (``sampling_dtype``)  |                                   |
+| DDIM reconstruction            | the model's dtype                    | latents                           |
 | attention maps read or edited  | softmax in fp32, P·V in the compute dtype                                |
 | VAE                            | the host's VAE dtype (SDXL's fp16 VAE overflows: fp32, see ``finite``)   |
 
@@ -17,9 +19,9 @@ optimisation has a choice, ``precision``:
   their gradients, Adam and the loss stay fp32; the UNet's activations and its backward are
   half). fp16 gradients of a latent MSE of ~1e-5 underflow, so fp16 runs with dynamic loss
   scaling (``LossScaler``); bf16 has fp32's exponent range and needs none.
-- ``fp32``: the optimisation's UNet passes in fp32 whatever the model's dtype (the reference
-  code's choice: "fp16 optimisation fails"); costs an fp32 copy of the weights and twice the
-  activation memory.
+- ``fp32``: the optimisation's UNet passes — and the sampling with its ∅ — in fp32 whatever
+  the model's dtype (the reference code's choice: "fp16 optimisation fails"); costs fp32 copies
+  of the weights and twice the activation memory.
 - ``auto`` (the default): ``model`` where its reconstruction error was measured within 1.5× of
   fp32's, else ``fp32`` — ``AUTO`` holds the decision per dtype (fp16: model; bf16: fp32),
   ``docs/precision.md`` the measurements behind it.

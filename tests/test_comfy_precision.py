@@ -16,7 +16,7 @@ from core_support import cat_latent
 from test_comfy_families import KINDS, PROMPT, comfy_model, embedding
 
 from nti_core import NullTextOptions, ddim_invert, make_grid, null_text_optimize
-from nti_core.memory import backward_bytes
+from nti_core.memory import backward_bytes, weight_copy_bytes
 from nti_core.null_text import UNCOND_ROW
 from nti_core.sampling import p2p_sample
 
@@ -159,10 +159,15 @@ def test_the_load_asks_comfyui_for_the_memory_of_the_backward(comfy_root, z0, mo
 
     monkeypatch.setattr(mm, "load_models_gpu", spy)
     model = comfy_model(KINDS["sdxl-eps"][0], seed=3, dtype=torch.bfloat16, inference=True)
-    opt = ComfyDenoiser(model, for_grad=True, latent_hw=(128, 128))
+    opt = ComfyDenoiser(model, for_grad=True, latent_hw=(128, 128), precision="model")
     assert asked and asked[-1] == backward_bytes("sdxl", (128, 128), torch.bfloat16) > 4e9
     assert not opt.checkpointing  # the CPU: its memory is the system's
-    forced = ComfyDenoiser(model, for_grad=True, latent_hw=(128, 128), checkpointing=True)
+    auto = ComfyDenoiser(model, for_grad=True, latent_hw=(128, 128))  # bf16 optimises in fp32
+    unet = auto.patcher.model.diffusion_model
+    assert asked[-1] == (backward_bytes("sdxl", (128, 128), torch.float32)  # with fp32 copies
+                         + weight_copy_bytes(unet, torch.float32)) > 2 * asked[-2]
+    forced = ComfyDenoiser(model, for_grad=True, latent_hw=(128, 128), checkpointing=True,
+                           precision="model")
     assert forced.checkpointing
     assert forced.memory_required == backward_bytes("sdxl", (128, 128), torch.bfloat16, True)
     assert "gradient checkpointing on" in forced.describe()
