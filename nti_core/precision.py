@@ -53,9 +53,9 @@ AUTO: dict[torch.dtype, str] = {torch.float16: "model", torch.bfloat16: "fp32"}
 AUTO_WHY = {
     torch.float16: "fp16's reconstruction error was measured within 1.5× of fp32's "
                    "(1.01–1.05×, docs/precision.md)",
-    torch.bfloat16: "bf16's reconstruction error was measured at 2.3–3.3× of fp32's (its 8-bit "
-                    "mantissa, amplified by guidance; docs/precision.md): 'model' halves the "
-                    "memory at that cost",
+    torch.bfloat16: "bf16's reconstruction error was measured at 2.3–3.3× of fp32's on the "
+                    "demo model (its 8-bit mantissa, amplified by guidance; docs/precision.md): "
+                    "'model' halves the memory at that cost",
 }
 
 

@@ -40,7 +40,7 @@ EXPECTED = {  # node id → (display name, [(input, type)], [(output, type)])
     "NTINullTextOptimize": ("Null-Text Optimize (NTI)", [
         ("model", "MODEL"), ("clip", "CLIP"), ("trajectory", "NTI_TRAJECTORY"),
         ("guidance", "FLOAT"), ("inner_steps", "INT"), ("early_stop", "FLOAT"),
-        ("method", "COMBO"), ("attention_loss", "FLOAT")],
+        ("method", "COMBO"), ("attention_loss", "FLOAT"), ("precision", "COMBO")],
         [("uncond", "NTI_UNCOND"), ("report", "STRING")]),
     "NTIAttentionEditPlan": ("Attention Edit Plan (NTI)", [
         ("clip", "CLIP"), ("source_prompt", "STRING"), ("target_prompts", "STRING"),
@@ -65,7 +65,7 @@ EXPECTED = {  # node id → (display name, [(input, type)], [(output, type)])
     "NTIStyleInvert": ("StyleDiffusion Invert (NTI)", [
         ("model", "MODEL"), ("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"),
         ("trajectory", "NTI_TRAJECTORY"), ("guidance", "FLOAT"), ("inner_steps", "INT"),
-        ("attention_loss", "FLOAT"), ("variant", "COMBO")],
+        ("attention_loss", "FLOAT"), ("variant", "COMBO"), ("precision", "COMBO")],
         [("values", "NTI_VALUES"), ("uncond", "NTI_UNCOND"), ("report", "STRING")]),
     "NTIAttentionMaps": ("Attention Maps (NTI)", [
         ("image", "IMAGE"), ("attention", "NTI_ATTENTION"), ("trajectory", "NTI_TRAJECTORY"),
