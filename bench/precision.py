@@ -125,8 +125,7 @@ def run(a) -> dict:
             t0 = time.perf_counter()
             uncond, values = optimise(m, traj, null, method, choice, tokens, a.style_inner)
             seconds = time.perf_counter() - t0
-            dtype_s = sampling_dtype(m.denoiser.dtype, uncond.compute,
-                                     values.compute if values is not None else "")
+            dtype_s = sampling_dtype(m.denoiser.dtype, uncond, values)
             with m.denoiser.computing(dtype_s):  # as the CLI and P2P Sample sample
                 rec = p2p_sample(m.denoiser, traj, uncond, traj.embedding, values=values)
             what = values_at(values, traj) if values is not None else uncond.embeddings.float()

@@ -106,7 +106,7 @@ class NTIP2PSample(io.ComfyNode):
                         "reconstruction will not match the photo exactly", guidance,
                         uncond.guidance, uncond.method)
         den = make_denoiser(model, compute=sampling_dtype(  # the dtype ∅ was optimised in
-            model_compute_dtype(model), uncond.compute, values.compute if values else ""))
+            model_compute_dtype(model), uncond, values))
         check_trajectory_model(trajectory, den)
         traj = trajectory_to(trajectory, den.device)
         contexts = torch.cat([traj.embedding, plan.targets.to(traj.embedding)])

@@ -209,9 +209,8 @@ def cmd_edit(a: argparse.Namespace) -> dict:
               "paths": paths, "contact_sheet": str(sheet), "uncond": inv.uncond.report(),
               "grid": inv.trajectory.grid.describe(), "timings": inv.timings,
               "dtype": a.dtype,
-              "sampling_compute": dtype_key(sampling_dtype(
-                  model.denoiser.dtype, inv.uncond.compute,
-                  inv.values.compute if inv.values is not None else "")),
+              "sampling_compute": dtype_key(sampling_dtype(model.denoiser.dtype, inv.uncond,
+                                                           inv.values)),
               "precision": None if inv.precision is None else {
                   "requested": inv.precision.requested,
                   "optimisation_compute": dtype_key(inv.precision.compute),

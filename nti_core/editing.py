@@ -168,8 +168,7 @@ def edit(
     ctrl = controller or build_controller(model, spec, traj.num_steps,
                                           latent_hw=tuple(traj.latents.shape[-2:]))
     contexts = torch.cat([inv.trajectory.embedding] + [model.encode_prompt(t) for t in spec.targets])
-    dtype = sampling_dtype(model.denoiser.dtype, inv.uncond.compute,
-                           inv.values.compute if inv.values is not None else "")
+    dtype = sampling_dtype(model.denoiser.dtype, inv.uncond, inv.values)
     with model.denoiser.computing(dtype):  # in the dtype the ∅ were optimised in
         return p2p_sample(model.denoiser, inv.trajectory, inv.uncond, contexts,
                           guidance=guidance, controller=ctrl, values=inv.values,

@@ -37,6 +37,7 @@ and the CLI's report.json show it, so no choice is ever changed silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -120,12 +121,13 @@ def dtype_key(dtype: torch.dtype | None) -> str:
     return "" if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def sampling_dtype(model: torch.dtype, *optimised: str) -> torch.dtype:
-    """The dtype sampling with ∅ (and values) optimised in ``optimised`` (their ``compute``)
-    computes in: the optimisation's, whatever the model's — ∅ fits the rounding of the UNet it
-    was optimised through, and sampling it through another costs more than either dtype alone
-    (measured, docs/precision.md); the model's when nothing was optimised ("")."""
-    kinds = {c for c in optimised if c}
+def sampling_dtype(model: torch.dtype, *optimised: Any) -> torch.dtype:
+    """The dtype sampling with ∅ (and values) computes in, given the ∅ / values themselves (their
+    ``compute``; None: absent) or their ``compute`` strings: the optimisation's, whatever the
+    model's — ∅ fits the rounding of the UNet it was optimised through, and sampling it through
+    another costs more than either dtype alone (measured, docs/precision.md); the model's when
+    nothing was optimised ("")."""
+    kinds = {c if isinstance(c, str) else c.compute for c in optimised if c is not None} - {""}
     if len(kinds) > 1:
         raise ValueError(f"∅ and the values were optimised in different dtypes {sorted(kinds)}: "
                          "optimise both with the same precision")
