@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 PRECISIONS = {"fp32": (torch.float32, "model"), "bf16": (torch.bfloat16, "model"),
               "fp16": (torch.float16, "model")}
@@ -63,10 +63,11 @@ class Subject:
 
 
 def subject(name: str, side: int, device: torch.device, smoke: bool) -> Subject:
+    from tiny_models import tiny_clip_vision, tiny_sd1, tiny_sdxl
+
     from nti_core.hosts.diffusers import DiffusersDenoiser
-    from nti_core.hosts.diffusers_demo import demo_sd1
-    from nti_core.hosts.diffusers_models import tiny_sd1, tiny_sdxl
-    from nti_core.hosts.diffusers_vision import image_tokens, tiny_clip_vision
+    from nti_core.hosts.diffusers.demo import demo_sd1
+    from nti_core.hosts.diffusers.vision import image_tokens
     from nti_core.images import load_image
 
     demo = demo_sd1(device=device)
@@ -144,14 +145,14 @@ def run_one(s: Subject, precision: str, method: str, steps: int, peak: Peak,
     from nti_core.attention.edits import LocalBlend, P2PController
     from nti_core.family import TOKENS
     from nti_core.finite import NonFiniteError
-    from nti_core.hosts.diffusers import _cast
+    from nti_core.hosts.diffusers import cast_unet
     from nti_core.null_text import direct_inversion, plain_null
     from nti_core.precision import resolve
     from nti_core.sampling import p2p_sample
     from nti_core.style import StyleOptions, style_invert
 
     dtype, choice = PRECISIONS[precision]
-    _cast(s.unet, dtype)
+    cast_unet(s.unet, dtype)
     den, counter = s.denoiser, UNetCounter(s.unet)
 
     def passes() -> int:
@@ -208,7 +209,7 @@ def run_one(s: Subject, precision: str, method: str, steps: int, peak: Peak,
         row["nan"] = str(e)
     finally:
         counter.remove()
-        _cast(s.unet, torch.float32)
+        cast_unet(s.unet, torch.float32)
     return row
 
 

@@ -110,17 +110,17 @@ def load(a):
 
     torch.manual_seed(0)
     if a.model == "demo":
-        from nti_core.hosts.diffusers_demo import demo_sd1
+        from nti_core.hosts.diffusers.demo import demo_sd1
 
         return demo_sd1(device=a.device)
-    from nti_core.hosts.diffusers_models import load_sd1
+    from nti_core.hosts.diffusers.models import load_sd1
 
     return load_sd1(a.model, a.device, "fp32")
 
 
 def photos(a) -> list[tuple[str, object, str]]:
     """(name, image [1, 3, s, s], prompt): demo photo names, or PATH=PROMPT."""
-    from nti_core.hosts.diffusers_demo import PHOTOS, photo_rgb
+    from nti_core.hosts.diffusers.demo import PHOTOS, photo_rgb
     from nti_core.images import from_array, load_image
 
     captions = {p.name: f"a photo of {p.caption}" for p in PHOTOS}
@@ -158,7 +158,7 @@ def invert_ours(method: str, m, z0, prompt: str, a, image):
                                attention_weight=1.0 if method == "null-text+attention" else 0.0)
         uncond = null_text_optimize(m.denoiser, traj, null, opts)
     elif method == "styled":
-        from nti_core.hosts.diffusers_vision import image_tokens
+        from nti_core.hosts.diffusers.vision import image_tokens
         from nti_core.style import style_invert
 
         uncond = plain_null(traj, null)
@@ -231,7 +231,7 @@ def worker(a) -> dict:
     m = load(a)
     items = photos(a)
     if a.worker == "styled":
-        from nti_core.hosts.diffusers_vision import tiny_clip_vision
+        from tiny_models import tiny_clip_vision
 
         a.vision = tiny_clip_vision(0).to(a.device)
     counter = UNetCounter(m.unet)
@@ -290,7 +290,7 @@ class StoreEverything:
         self.inner, self.step_store, self.store, self.step = inner, [], [], None
 
     def attend(self, q, k, v, *, heads, site, hw, step, rows):
-        from nti_core.hosts.base import attention_probs
+        from nti_core.denoiser import attention_probs
 
         if step != self.step:
             self._between_steps()

@@ -161,8 +161,8 @@ def measure(family: str, dtype: torch.dtype, steps: int = 50) -> dict:
     from unets import SIDES, meta_unet
 
     from nti_core.attention.plan import P2PSpec
+    from nti_core.denoiser import Rows
     from nti_core.family import FAMILIES
-    from nti_core.hosts.base import Rows
     from nti_core.hosts.diffusers import DiffusersDenoiser
     from nti_core.null_text import UNCOND_ROW, attention_loss, attention_recorder
     from nti_core.schedule import ddim_step, make_grid, scaled_linear_alphas_cumprod

@@ -45,8 +45,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load(name: str):
-    from nti_core.hosts.diffusers_demo import demo_sd1
-    from nti_core.hosts.diffusers_models import SDModel
+    from nti_core.hosts.diffusers.demo import demo_sd1
+    from nti_core.hosts.diffusers.models import SDModel
 
     demo = demo_sd1()
     if name == "demo":
@@ -93,10 +93,11 @@ def values_at(values, traj) -> torch.Tensor:
 
 def run(a) -> dict:
     from core_support import PHOTOS, photo_image
+    from tiny_models import tiny_clip_vision
 
     from nti_core import ddim_invert, make_grid
-    from nti_core.hosts.diffusers import _cast
-    from nti_core.hosts.diffusers_vision import image_tokens, tiny_clip_vision
+    from nti_core.hosts.diffusers import cast_unet
+    from nti_core.hosts.diffusers.vision import image_tokens
     from nti_core.precision import sampling_dtype
     from nti_core.sampling import p2p_sample
 
@@ -117,7 +118,7 @@ def run(a) -> dict:
     start_of: dict[str, torch.Tensor] = {}
     for label, dtype, choice in configs(a.dtypes):
         m.unet.load_state_dict(master)
-        _cast(m.unet, dtype)
+        cast_unet(m.unet, dtype)
         t0 = time.perf_counter()
         traj = ddim_invert(m.denoiser, z0, cond, grid, PHOTOS[photo], record_maps=True)
         rows = {"_inversion_s": time.perf_counter() - t0}

@@ -154,7 +154,7 @@ def cmd_edit(a: argparse.Namespace) -> dict:
         log.info("no standalone CLIP vocabulary: the edit plan is checked after the model loads")
     else:
         spec.build(tok, a.steps)
-    from .hosts.diffusers_models import check_model_path
+    from .hosts.diffusers.models import check_model_path
 
     check_model_path(a.model)
     if a.method == "styled" and not (Path(a.image_encoder) / "config.json").is_file():
@@ -162,7 +162,7 @@ def cmd_edit(a: argparse.Namespace) -> dict:
                          "vision folder (config.json + model.safetensors)")
     phases = Phases(3)
     with phases(f"load {a.model}"):
-        from .hosts.diffusers_models import load_model
+        from .hosts.diffusers.models import load_model
 
         model = load_model(a.model, a.device, a.dtype)
         log.info("model: %s", model.family.label)
@@ -172,7 +172,7 @@ def cmd_edit(a: argparse.Namespace) -> dict:
                                       latent_hw=tuple(z0.shape[-2:]))
     tokens, encoder = None, "image encoder"
     if a.method == "styled":
-        from .hosts.diffusers_vision import describe, image_tokens, load_clip_vision
+        from .hosts.diffusers.vision import describe, image_tokens, load_clip_vision
 
         vision = load_clip_vision(a.image_encoder, a.device)
         tokens, encoder = image_tokens(vision, image.to(a.device)), describe(vision)
@@ -290,7 +290,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     maps_png: list[str] = []
     t0 = time.perf_counter()
     with phases("load the demo model"):
-        from .hosts.diffusers_demo import demo_sd1
+        from .hosts.diffusers.demo import demo_sd1
 
         model = demo_sd1()
     t_build = time.perf_counter() - t0

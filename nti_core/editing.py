@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .attention.edits import P2PController
 from .attention.plan import P2PSpec
-from .hosts.diffusers_models import SDModel
+from .hosts.diffusers.models import SDModel
 from .inversion import ddim_invert
 from .memory import checkpointing_needed
 from .null_text import (

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .denoiser import same_model
 from .family import FAMILIES, Family, for_embedding
-from .hosts.base import same_model
 from .schedule import grid_from_file
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 

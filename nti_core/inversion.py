@@ -7,8 +7,8 @@ from torch import Tensor
 
 from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
+from .denoiser import Controller, Denoiser, compute_dtype
 from .finite import check_finite
-from .hosts.base import Controller, Denoiser, compute_dtype
 from .progress import Progress, no_progress
 from .schedule import Grid, inversion_step
 from .trajectory import Trajectory

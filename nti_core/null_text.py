@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
+from .denoiser import Denoiser, Rows, compute_dtype, same_model
 from .finite import check_finite
-from .hosts.base import Denoiser, Rows, compute_dtype, same_model
 from .precision import LossScaler, Precision, dtype_key
 from .progress import Progress, no_progress
 from .schedule import sample_step

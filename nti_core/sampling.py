@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .denoiser import Controller, Denoiser, Rows, compute_dtype
 from .finite import check_finite
-from .hosts.base import Controller, Denoiser, Rows, compute_dtype
 from .progress import Progress, no_progress
 from .schedule import sample_step
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings

@@ -40,9 +40,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .denoiser import Denoiser, compute_dtype
 from .family import TOKENS
 from .finite import check_finite
-from .hosts.base import Denoiser, compute_dtype
 from .null_text import (
     UNCOND_ROW,
     attention_recorder,

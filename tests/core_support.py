@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nti_core.hosts.base import Rows, model_fingerprint
+from nti_core.denoiser import Rows, model_fingerprint
 from nti_core.schedule import scaled_linear_alphas_cumprod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ CAT_PROMPT = "a cat sitting next to a mirror"
 @lru_cache(maxsize=1)
 def tiny_model():
     """The demo's random SD1-shaped model (seed 0), built once per test session."""
-    from nti_core.hosts.diffusers_models import tiny_sd1
+    from tiny_models import tiny_sd1
 
     return tiny_sd1(seed=0)
 
@@ -27,7 +27,7 @@ def tiny_model():
 @lru_cache(maxsize=1)
 def demo_model():
     """The trained demo model (nti_core/assets/demo_sd1.safetensors), loaded once per session."""
-    from nti_core.hosts.diffusers_demo import demo_sd1
+    from nti_core.hosts.diffusers.demo import demo_sd1
 
     return demo_sd1()
 
@@ -51,7 +51,7 @@ PHOTOS = {
 @lru_cache(maxsize=8)
 def photo_image(name: str, size: int = 128) -> Tensor:
     """A named real photo (see PHOTOS) as [1, 3, size, size] in [−1, 1]."""
-    from nti_core.hosts.diffusers_demo import photo_rgb
+    from nti_core.hosts.diffusers.demo import photo_rgb
     from nti_core.images import from_array
 
     return from_array(photo_rgb(name), size)

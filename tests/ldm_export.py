@@ -152,7 +152,7 @@ def save_ldm_checkpoint(path: str | Path, model: Any, config: Mapping[str, Any] 
     ``config`` goes into the ``nti_core.sd1_config`` metadata entry when given."""
     from safetensors.torch import save_file
 
-    from nti_core.hosts.sd1_single_file import CONFIG_METADATA_KEY
+    from nti_core.hosts.diffusers.single_file import CONFIG_METADATA_KEY
 
     state = sd1_to_ldm(model.unet, model.vae, model.text_encoder)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}

@@ -12,7 +12,7 @@ from nti_core.attention.controller import AttentionStore, Identity, probs_times_
 from nti_core.attention.edits import LocalBlend, P2PController, blend_map_size
 from nti_core.attention.plan import P2PSpec
 from nti_core.attention.schedules import cross_injection_alpha, injection_range
-from nti_core.hosts.base import Rows, Site, attention_probs, sdpa
+from nti_core.denoiser import Rows, Site, attention_probs, sdpa
 
 HEADS, DIM, L = 2, 4, 77
 CROSS = Site("input", 7, 0, True)

@@ -21,8 +21,8 @@ from nti_core import NullTextOptions, ddim_invert, make_grid, null_text_optimize
 from nti_core.attention.controller import MapRecorder
 from nti_core.attention.edits import P2PController, blend_map_size
 from nti_core.attention.plan import P2PSpec
+from nti_core.denoiser import Rows, attention_probs
 from nti_core.files import load_inversion, save_inversion
-from nti_core.hosts.base import Rows, attention_probs
 from nti_core.null_text import attention_loss
 from nti_core.schedule import sample_step
 from nti_core.tokenizer import from_hf

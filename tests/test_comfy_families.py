@@ -18,8 +18,8 @@ from core_support import cat_latent
 from torch import Tensor
 
 from nti_core.attention.plan import P2PSpec
+from nti_core.denoiser import Rows
 from nti_core.family import SD1, SD2, SDXL, TOKENS, Family
-from nti_core.hosts.base import Rows
 from nti_core.inversion import ddim_invert
 from nti_core.null_text import NullTextOptions, null_text_optimize, plain_null
 from nti_core.sampling import ddim_reconstruct, p2p_sample

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from nti_core.hosts.base import Rows, Site, model_fingerprint, same_model, sdpa
+from nti_core.denoiser import Rows, Site, model_fingerprint, same_model, sdpa
 from nti_core.hosts.comfy import (
     ComfyDenoiser,
     autograd,

@@ -18,8 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for folder in ("nti_core", "nodes") for p in (ROOT / folder).rglob("*.py"))
 # The demo model's training recipe runs on the CPU by design: its seeded CPU generators are what
-# make it reproducible (nti_core/hosts/diffusers_demo_train.py); nothing else may make one.
-CPU_ONLY = {"nti_core/hosts/diffusers_demo_train.py"}
+# make it reproducible (tools/train_demo.py); nothing else may make one.
+CPU_ONLY = {"tools/train_demo.py"}
 SHAPE_ONLY = ("cpu", "meta")  # devices that hold no data of an accelerator
 
 
@@ -80,9 +80,10 @@ def accelerator() -> str | None:
 @pytest.mark.skipif(accelerator() is None, reason="no GPU here: the code review above stands "
                     "in for this run (bench/gpu_check.py runs the engine on a GPU)")
 def test_the_engine_runs_on_an_accelerator() -> None:
+    from tiny_models import tiny_sd1
+
     from nti_core import NullTextOptions, ddim_invert, make_grid, null_text_optimize
     from nti_core.attention.plan import P2PSpec
-    from nti_core.hosts.diffusers_models import tiny_sd1
     from nti_core.sampling import p2p_sample
     from nti_core.tokenizer import from_hf
 

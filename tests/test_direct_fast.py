@@ -14,7 +14,7 @@ from core_support import PHOTOS, demo_model, demo_null_text, demo_pivot
 
 from nti_core import NullTextOptions, null_text_optimize, p2p_sample
 from nti_core.attention.plan import P2PSpec
-from nti_core.hosts.base import Rows
+from nti_core.denoiser import Rows
 from nti_core.null_text import direct_inversion, negative_prompt_inversion, plain_null
 from nti_core.schedule import sample_step
 from nti_core.tokenizer import from_hf

@@ -5,7 +5,7 @@ what is refused, and the CLI on saved folders. No ComfyUI needed.
 
 The families here: SD 2.x with v (its 768-v models) and ε (its 512 base), SDXL with ε (base 1.0)
 and v (v-prediction fine-tunes): one tiny random-weight model each (the ε and v ones of an
-architecture differ only in their output scale, see ``diffusers_models._quiet_unet``); 128²
+architecture differ only in their output scale, see ``tiny_models._quiet_unet``); 128²
 photos, 6 steps, the reference's null-text constants.
 """
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers", reason="the diffusers host needs diffusers")
 
 from core_support import CAT, CAT_PROMPT, ROOT, assert_mostly_close  # noqa: E402
+from tiny_models import save_pipeline, tiny_sd2, tiny_sdxl  # noqa: E402
 
 from nti_core import (  # noqa: E402
     ddim_invert,
@@ -38,14 +39,7 @@ from nti_core.attention.edits import blend_map_size  # noqa: E402
 from nti_core.attention.plan import P2PSpec  # noqa: E402
 from nti_core.family import SD1, SD2, SDXL, SUPPORTED, TOKENS  # noqa: E402
 from nti_core.hosts.diffusers import size_ids  # noqa: E402
-from nti_core.hosts.diffusers_models import (  # noqa: E402
-    SDModel,
-    check_model_path,
-    load_model,
-    save_pipeline,
-    tiny_sd2,
-    tiny_sdxl,
-)
+from nti_core.hosts.diffusers.models import SDModel, check_model_path, load_model  # noqa: E402
 from nti_core.images import load_image  # noqa: E402
 from nti_core.schedule import (  # noqa: E402
     sample_step,
@@ -272,7 +266,9 @@ def test_sdxl_tokenizers_must_agree_up_to_eos():
 def test_style_diffusion_on_sdxl_learns_token_values_and_pads_the_pooled_row():
     """StyleDiffusion's mapping network produces the values of the 77 token states; the pooled
     row of its value embedding is zero; editing with the values runs."""
-    from nti_core.hosts.diffusers_vision import image_tokens, tiny_clip_vision
+    from tiny_models import tiny_clip_vision
+
+    from nti_core.hosts.diffusers.vision import image_tokens
     from nti_core.style import StyleOptions, style_invert
 
     m, z0, c, null, _, _ = inverted("sdxl-eps")
@@ -395,7 +391,7 @@ def test_unsupported_folders_are_refused_before_diffusers_is_imported(tmp_path):
     }
     code = (
         "import json, sys\n"
-        "from nti_core.hosts.diffusers_models import load_model\n"
+        "from nti_core.hosts.diffusers.models import load_model\n"
         "out = {}\n"
         "for name, path in json.loads(sys.argv[1]).items():\n"
         "    try:\n"

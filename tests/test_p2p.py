@@ -8,7 +8,7 @@ from core_support import CAT_PROMPT, cat_latent, tiny_model
 
 from nti_core import ddim_invert, make_grid, negative_prompt_inversion, p2p_sample
 from nti_core.attention.plan import P2PSpec
-from nti_core.hosts.base import Rows
+from nti_core.denoiser import Rows
 from nti_core.tokenizer import from_hf
 
 STEPS = 6

@@ -121,13 +121,13 @@ def test_null_text_optimises_fp32_uncond_through_a_half_unet_within_the_measured
     """Real half-precision compute on the CPU (bench/precision.py measured the demo model at
     64², 4 steps: null-text-fast's reconstruction 1.44× all-fp32's error in bf16, 1.03× in
     fp16): ∅ stays fp32, the UNet's forward and backward run in ``half``, fp16 loss-scaled."""
-    from nti_core.hosts.diffusers import _cast
+    from nti_core.hosts.diffusers import cast_unet
 
     m, z0, cond, null, grid, prompt = _demo_setup()
     errors = {}
     try:
         for dtype in (torch.float32, half):
-            _cast(m.unet, dtype)
+            cast_unet(m.unet, dtype)
             prec = resolve("model", dtype)
             traj = ddim_invert(m.denoiser, z0, cond, grid, prompt)
             spy = DtypeSpy(m.unet)
@@ -143,16 +143,16 @@ def test_null_text_optimises_fp32_uncond_through_a_half_unet_within_the_measured
             rec = p2p_sample(m.denoiser, traj, uncond, traj.embedding)
             errors[dtype] = float(F.mse_loss(rec, z0))
     finally:
-        _cast(m.unet, torch.float32)
+        cast_unet(m.unet, torch.float32)
     assert errors[half] <= 1.5 * errors[torch.float32], errors
 
 
 def test_precision_fp32_runs_a_half_unet_in_fp32_and_gives_it_back_bit_identical() -> None:
-    from nti_core.hosts.diffusers import _cast
+    from nti_core.hosts.diffusers import cast_unet
 
     m, z0, cond, null, grid, prompt = _demo_setup(steps=2)
     try:
-        _cast(m.unet, torch.bfloat16)
+        cast_unet(m.unet, torch.bfloat16)
         before = {k: v.clone() for k, v in m.unet.state_dict().items()}
         traj = ddim_invert(m.denoiser, z0, cond, grid, prompt)
         prec = resolve("fp32", torch.bfloat16)
@@ -170,7 +170,7 @@ def test_precision_fp32_runs_a_half_unet_in_fp32_and_gives_it_back_bit_identical
         with pytest.raises(ValueError, match="computes in torch.bfloat16 but the precision asks"):
             null_text_optimize(m.denoiser, traj, null, precision=prec)  # outside the session
     finally:
-        _cast(m.unet, torch.float32)
+        cast_unet(m.unet, torch.float32)
 
 
 def test_gradient_checkpointing_gives_the_same_uncond_and_keeps_less_for_the_backward() -> None:
@@ -221,8 +221,7 @@ def saved_bytes(fn) -> int:
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
     from core_support import demo_model
-
-    from nti_core.hosts.diffusers_models import save_pipeline
+    from tiny_models import save_pipeline
 
     return save_pipeline(demo_model(), tmp_path_factory.mktemp("demo_pipeline") / "demo")
 
@@ -288,11 +287,11 @@ def test_the_cli_pipeline_samples_in_the_dtype_the_uncond_was_optimised_in() -> 
     in fp32 for the optimisation and for the sampling with its ∅, and is bf16 again after."""
     from nti_core.attention.plan import P2PSpec
     from nti_core.editing import edit, invert
-    from nti_core.hosts.diffusers import _cast
+    from nti_core.hosts.diffusers import cast_unet
 
     m, z0, _, _, _, prompt = _demo_setup(steps=2)
     try:
-        _cast(m.unet, torch.bfloat16)
+        cast_unet(m.unet, torch.bfloat16)
         spy = DtypeSpy(m.unet)
         inv = invert(m, z0, prompt, steps=2, method="null-text-fast", precision="fp32")
         assert inv.uncond.compute == "float32" and spy.inputs == {torch.bfloat16, torch.float32}
@@ -302,4 +301,4 @@ def test_the_cli_pipeline_samples_in_the_dtype_the_uncond_was_optimised_in() -> 
         spy.close()
         assert m.denoiser.dtype == torch.bfloat16
     finally:
-        _cast(m.unet, torch.float32)
+        cast_unet(m.unet, torch.float32)

@@ -23,8 +23,7 @@ def pipeline_scheduler():
     """The reference's scheduler as it runs: the notebooks' DDIMScheduler handed to
     StableDiffusionPipeline, whose constructor sets steps_offset = 1 (REFERENCE §1)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from nti_core.hosts.diffusers_models import tiny_sd1
+    from tiny_models import tiny_sd1
 
     m = tiny_sd1()
     notebook = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -17,8 +17,8 @@ pytest.importorskip("diffusers", reason="single-file loading needs diffusers")
 import ldm_export  # noqa: E402
 from core_support import tiny_model  # noqa: E402
 
-from nti_core.hosts.diffusers_models import SD1Model, load_sd1  # noqa: E402
-from nti_core.hosts.sd1_single_file import (  # noqa: E402
+from nti_core.hosts.diffusers.models import SD1Model, load_sd1  # noqa: E402
+from nti_core.hosts.diffusers.single_file import (  # noqa: E402
     CheckpointError,
     infer_sd1_configs,
     validate_configs,
@@ -101,7 +101,7 @@ def _as_list(value: Any) -> Any:
 def test_diffusers_folder_loads(tmp_path: Path) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from nti_core.hosts.sd1_single_file import SCHEDULER_CONFIG
+    from nti_core.hosts.diffusers.single_file import SCHEDULER_CONFIG
 
     ref = tiny_model()
     scheduler = DDIMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items()
@@ -198,7 +198,7 @@ def test_other_families_are_named(tmp_path: Path, keys: dict[str, tuple[int, ...
 
 @pytest.fixture(scope="module")
 def tiny_shapes(tiny_ckpt: Path) -> dict[str, tuple[int, ...]]:
-    from nti_core.hosts.sd1_single_file import read_header
+    from nti_core.hosts.diffusers.single_file import read_header
 
     return read_header(tiny_ckpt)[0]
 
@@ -251,7 +251,7 @@ def test_comfy_checkpoint_unet_and_taesd(tiny_checkpoint: Path, tiny_diffusers_u
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from nti_core.hosts.sd1_single_file import (
+    from nti_core.hosts.diffusers.single_file import (
         infer_text_encoder_config,
         infer_unet_config,
         read_header,
@@ -309,9 +309,9 @@ def test_cli_styled_edit(tiny_ckpt: Path, tmp_path: Path) -> None:
     import json
 
     from core_support import CAT
+    from tiny_models import tiny_clip_vision
 
     from nti_core.cli import main
-    from nti_core.hosts.diffusers_vision import tiny_clip_vision
 
     encoder = tmp_path / "clip_vision"
     tiny_clip_vision(seed=0).save_pretrained(encoder)
@@ -341,7 +341,7 @@ def test_cli_direct_and_fast_methods(tiny_ckpt: Path, tmp_path: Path, method: st
     from PIL import Image
 
     from nti_core.cli import main
-    from nti_core.hosts.diffusers_models import load_sd1
+    from nti_core.hosts.diffusers.models import load_sd1
     from nti_core.images import load_image, to_uint8
 
     out = tmp_path / method

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from core_support import CAT_PROMPT, cat_latent, demo_model, demo_null_text, demo_pivot, tiny_model
 
 from nti_core import ddim_invert, make_grid, p2p_sample
+from nti_core.denoiser import Rows
 from nti_core.files import load_inversion_all, save_inversion
-from nti_core.hosts.base import Rows
 from nti_core.images import psnr
 from nti_core.null_text import negative_prompt_inversion, plain_null
 from nti_core.style import MappingNet, StyleOptions, style_invert
@@ -20,13 +20,13 @@ from nti_core.style import MappingNet, StyleOptions, style_invert
 
 @pytest.fixture(scope="module")
 def vision():
-    from nti_core.hosts.diffusers_vision import tiny_clip_vision
+    from tiny_models import tiny_clip_vision
 
     return tiny_clip_vision(seed=0)
 
 
 def tokens_of(vision, image):
-    from nti_core.hosts.diffusers_vision import image_tokens
+    from nti_core.hosts.diffusers.vision import image_tokens
 
     return image_tokens(vision, image)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from ..hosts.base import Rows, Site, attention_probs, merge_heads, sdpa, split_heads
+from ..denoiser import Rows, Site, attention_probs, merge_heads, sdpa, split_heads
 
 MAX_MAP_PIXELS = 32 * 32  # the reference stores / injects only for query maps up to 32×32
 

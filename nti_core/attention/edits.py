@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..hosts.base import Rows, Site, attention_probs, sdpa
+from ..denoiser import Rows, Site, attention_probs, sdpa
 from .controller import MAX_MAP_PIXELS, AttentionStore, Branch, by_branch, probs_times_v
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...denoiser import Controller, Rows, Site, model_fingerprint, value_rows
 from ...memory import backward_bytes, fits, weight_copy_bytes
 from ...precision import Precision, dtype_name, resolve
-from ..base import Controller, Rows, Site, model_fingerprint, value_rows
 from .family import detect
 from .grad import (
     WeightAlias,

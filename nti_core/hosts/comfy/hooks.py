@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Controller, Site, sdpa
+from ...denoiser import Controller, Site, sdpa
 from .rows import rows_from_chunks
 
 log = logging.getLogger(__name__)

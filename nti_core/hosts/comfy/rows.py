@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Rows
+from ...denoiser import Rows
 
 
 def rows_from_chunks(cond_or_uncond: list[int], batch: int, device: torch.device | str) -> Rows:

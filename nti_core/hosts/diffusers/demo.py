@@ -1,4 +1,4 @@
-"""The demo model: a small SD1-shaped model trained by ``diffusers_demo_train`` on captioned photos
+"""The demo model: a small SD1-shaped model trained by ``tools/train_demo.py`` on captioned photos
 that ship offline, so that the demo and the fidelity tests measure a network that denoises.
 
 SD 1.x conventions throughout: the real CLIP tokenizer, 77×768 text context, a UNet with 8-head
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..schedule import scaled_linear_alphas_cumprod
-from ..tokenizer import sd1_clip_tokenizer
-from .diffusers_models import SD1_SCALING, SD1Model
+from ...schedule import scaled_linear_alphas_cumprod
+from ...tokenizer import sd1_clip_tokenizer
+from .models import SD1_SCALING, SD1Model
 
-DEMO_FILE = Path(__file__).resolve().parents[1] / "assets" / "demo_sd1.safetensors"
+DEMO_FILE = Path(__file__).resolve().parents[2] / "assets" / "demo_sd1.safetensors"
 FORMAT = "nti-demo-sd1/1"
 
 UNET_CONFIG = dict(
@@ -90,7 +90,7 @@ def photo_rgb(name: str) -> np.ndarray:
     if name == "gnochi_mirror":
         from PIL import Image
 
-        with Image.open(Path(__file__).resolve().parents[1] / "assets" / "gnochi_mirror.jpeg") as im:
+        with Image.open(Path(__file__).resolve().parents[2] / "assets" / "gnochi_mirror.jpeg") as im:
             return np.asarray(im.convert("RGB"))
     import skimage.data
 
@@ -204,7 +204,7 @@ def demo_sd1(path: str | Path = DEMO_FILE, device: str | torch.device = "cpu") -
         raise FileNotFoundError(
             f"no demo model at {p}: it ships with the repository (git checkout of "
             "nti_core/assets/demo_sd1.safetensors), or rebuild it with "
-            "`python -m nti_core.hosts.diffusers_demo_train`"
+            "`python -m tools.train_demo`"
         )
     with safe_open(str(p), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}

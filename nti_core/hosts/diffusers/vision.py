@@ -59,17 +59,3 @@ def load_clip_vision(path: str | Path, device: str | torch.device = "cpu"):
 
     model = CLIPVisionModel.from_pretrained(str(p), use_safetensors=True)
     return model.to(device).eval().requires_grad_(False)
-
-
-def tiny_clip_vision(seed: int = 0, width: int = 768, layers: int = 2, image_size: int = 224,
-                     patch: int = 16):
-    """A random-weight CLIP vision model with ViT-B/16's token layout (197 × 768 at 224 px)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                           num_attention_heads=12 if width % 12 == 0 else 4,
-                           image_size=image_size, patch_size=patch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPVisionModel(cfg)
-    return model.eval().requires_grad_(False)

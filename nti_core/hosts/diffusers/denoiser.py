@@ -1,6 +1,6 @@
 """The diffusers host: ε from a ``UNet2DConditionModel`` with the controller behind attention processors.
 
-The only module of nti_core that imports diffusers. Processors are installed with the UNet's own
+Processors are installed with the UNet's own
 ``set_attn_processor`` (no reassigned ``forward``); without a controller they compute exactly what
 diffusers' ``AttnProcessor2_0`` computes.
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..family import SD1, Family
-from ..precision import Precision
-from ..schedule import eps_from_v
-from .base import Controller, Rows, Site, model_fingerprint, sdpa, value_rows
+from ...denoiser import Controller, Rows, Site, model_fingerprint, sdpa, value_rows
+from ...family import SD1, Family
+from ...precision import Precision
+from ...schedule import eps_from_v
 
 VAE_FACTOR = 8  # pixels per latent cell of the SD VAEs (SD 1.x, 2.x, XL)
 
@@ -162,7 +162,7 @@ class DiffusersDenoiser:
         values)."""
         own = self.dtype
         if dtype != own:
-            _cast(self.unet, dtype)
+            cast_unet(self.unet, dtype)
         if checkpointing:
             self.unet.enable_gradient_checkpointing()
         try:
@@ -171,7 +171,7 @@ class DiffusersDenoiser:
             if checkpointing:
                 self.unet.disable_gradient_checkpointing()
             if dtype != own:
-                _cast(self.unet, own)
+                cast_unet(self.unet, own)
 
     def optimising(self, precision: Precision, checkpointing: bool = False):
         """``computing`` for an optimisation at ``precision`` (resolved for this UNet's dtype)."""
@@ -217,7 +217,7 @@ class DiffusersDenoiser:
         return out.to(z.dtype)
 
 
-def _cast(unet, dtype: torch.dtype) -> None:
+def cast_unet(unet, dtype: torch.dtype) -> None:
     """``unet.to(dtype)`` without diffusers' warning about modules to keep in fp32 (its SD UNets
     have none; the warning fires for any ``to(dtype)``)."""
     quiet = logging.getLogger("diffusers.models.modeling_utils")

@@ -1,6 +1,6 @@
-"""Train the demo model (``diffusers_demo``) from photos that ship offline; writes the asset.
+"""Train the demo model (``nti_core.hosts.diffusers.demo``) from photos that ship offline; writes the asset.
 
-    python -m nti_core.hosts.diffusers_demo_train --out nti_core/assets/demo_sd1.safetensors
+    python -m tools.train_demo --out nti_core/assets/demo_sd1.safetensors
 
 Two stages on the CPU, seeded: (1) the VAE as an autoencoder on random crops of the six photos in
 their three looks (MSE + ⅒ L1 + a small KL term), then its latent rescaled so that ×0.18215 gives
@@ -26,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..images import from_array, psnr
-from ..schedule import scaled_linear_alphas_cumprod
-from .diffusers_demo import (
+from nti_core.hosts.diffusers.demo import (
     DEMO_FILE,
     FORMAT,
     LOOKS,
@@ -45,7 +43,9 @@ from .diffusers_demo import (
     state_sha256,
     text_encoder_state,
 )
-from .diffusers_models import SD1_SCALING
+from nti_core.hosts.diffusers.models import SD1_SCALING
+from nti_core.images import from_array, psnr
+from nti_core.schedule import scaled_linear_alphas_cumprod
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def train(r: Recipe, out: str | Path, workdir: Path | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nti_core.hosts.diffusers_demo_train",
+    ap = argparse.ArgumentParser(prog="python -m tools.train_demo",
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = Recipe()
