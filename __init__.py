@@ -2,7 +2,8 @@
 
 Importable without ComfyUI (pytest imports this file while collecting tests/): the nodes, which
 import ``comfy_api``, are loaded only when ComfyUI is importable. ComfyUI loads the pack through
-``comfy_entrypoint`` (V3 schema, ComfyUI ≥ 0.3.47); the frontend files are in ./web.
+``comfy_entrypoint`` (V3 schema; the minimum ComfyUI is pyproject.toml's requires-comfyui); the frontend
+files are in ./web.
 """
 
 import importlib.util

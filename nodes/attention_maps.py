@@ -19,7 +19,7 @@ from ..nti_core.attention.maps import (
 from ..nti_core.images import heatmap_grid
 from ..nti_core.trajectory import Trajectory
 from . import types
-from .common import CATEGORY, sd1_tokenizer
+from .common import CATEGORY, family_tokenizer
 
 
 def pick_maps(attention: AttentionMaps | None, trajectory: Trajectory | None) -> AttentionMaps:
@@ -38,7 +38,7 @@ def render(am: AttentionMaps, photo: torch.Tensor, row: int, sizes: str, step_st
     steps = step_range(am.num_steps, step_start, step_end)
     avg = average_maps(am, row, size_of(sizes, am.latent_hw), steps)
     prompt = am.prompts[row]
-    maps, words = word_maps(avg, tokenize(sd1_tokenizer(), prompt))
+    maps, words = word_maps(avg, tokenize(family_tokenizer(), prompt))
     x = photo[:1].permute(0, 3, 1, 2).float() * 2 - 1
     who = "source" if row == 0 else f"target {row}"
     title = (f"{am.what} · {who}: '{prompt}' · steps {steps.start}-{steps.stop - 1} of "
@@ -74,10 +74,8 @@ class NTIAttentionMaps(io.ComfyNode):
                 io.Int.Input("row", default=0, min=0, max=64,
                              tooltip="0 = the source prompt; k = the k-th target prompt."),
                 io.Combo.Input("sizes", options=list(SIZE_CHOICES), default="1/4",
-                               tooltip="Map sizes averaged, as a fraction of the latent side "
-                               "('1/4' = 16×16 for SD 1.x at 512², 32×32 for SDXL at 1024², "
-                               "what LocalBlend reads; 'all' = every stored size up to 32×32, "
-                               "upsampled to the largest)."),
+                               tooltip="Map sizes averaged, as a fraction of the latent side: "
+                               "'1/4' is what LocalBlend reads, 'all' every stored size."),
                 io.Float.Input("step_start", default=0.0, **frac,
                                tooltip="First step averaged (fraction; 0 = noisiest)."),
                 io.Float.Input("step_end", default=1.0, **frac,

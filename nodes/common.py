@@ -18,11 +18,12 @@ import comfy.utils
 import torch
 from torch import Tensor
 
-from ..nti_core.family import Family
+from ..nti_core.family import SD1, Family
 from ..nti_core.hosts.comfy import ComfyDenoiser, check_interrupt, check_pair, clip_family
 from ..nti_core.precision import PRECISIONS
 from ..nti_core.progress import Progress
-from ..nti_core.tokenizer import HFTokenizer, sd1_clip_tokenizer
+from ..nti_core.tokenizer import HFTokenizer
+from ..nti_core.tokenizer import family_tokenizer as tokenizer_named
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings
 from ..nti_core.validate import check_prompt
 
@@ -32,11 +33,18 @@ CATEGORY = "NTI Photo Edit"
 LATENT_CHANNELS = 4  # SD 1.x, SD 2.x and SDXL
 
 
-def sd1_tokenizer() -> HFTokenizer:
-    """The CLIP BPE tokenizer (SD 1.x's; SD 2.x's and SDXL's encoders use the same vocabulary)
-    from the vocabulary beside the running ComfyUI's ``comfy.sd1_clip``
+def family_tokenizer(clip_or_family: Any = None) -> HFTokenizer:
+    """The tokenizer a CLIP's family names (``Family.tokenizer``; SD 1.x's when None), from the
+    vocabulary beside the running ComfyUI's ``comfy.sd1_clip``, which every family here reads
     (``comfy`` is a namespace package: it has no ``__file__``)."""
-    return sd1_clip_tokenizer(Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer")
+    if clip_or_family is None:
+        family = SD1
+    elif isinstance(clip_or_family, Family):
+        family = clip_or_family
+    else:
+        family = clip_family(clip_or_family)
+    folder = Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer"
+    return tokenizer_named(family.tokenizer, folder)
 
 
 def clip_tokens(clip: Any, text: str, tok: HFTokenizer, what: str = "prompt",
@@ -115,11 +123,8 @@ def precision_input() -> Any:
 
     return io.Combo.Input(
         "precision", options=list(PRECISIONS), default="auto",
-        tooltip="What the optimisation computes the UNet in. 'model': the MODEL's own dtype "
-        "(fp16/bf16 on a GPU), forward and backward — ∅, Adam and the loss stay fp32, fp16 with "
-        "loss scaling; half the activation memory of fp32 and no copy of the weights. 'fp32': "
-        "fp32 whatever the model's dtype (the reference code's choice). 'auto': 'model' where "
-        "measured as exact as fp32 (within 1.5×), else fp32. The report says what ran.")
+        tooltip="What the optimisation computes the UNet in: 'model' its own dtype (∅ and Adam "
+        "stay fp32), 'fp32' always, 'auto' picks per dtype. The report says what ran.")
 
 
 def finish_optimisation() -> None:
@@ -162,14 +167,6 @@ def normal_copy(traj: Trajectory) -> Trajectory:
     return dataclasses.replace(
         traj, latents=traj.latents.clone(), embedding=traj.embedding.clone(),
         fingerprint=traj.fingerprint.clone(), maps=None if traj.maps is None else traj.maps.clone())
-
-
-def require_maps(traj: Trajectory, attention_loss: float) -> None:
-    """An attention loss needs the maps DDIM Invert keeps with record_maps (checked before work)."""
-    if attention_loss > 0 and traj.maps is None:
-        raise ValueError("attention_loss needs the attention maps of the inversion: turn on "
-                         "record_maps in DDIM Invert (NTI), or set attention_loss to 0 (a file "
-                         "saved before format 3 has none: invert again)")
 
 
 def uncond_to(uncond: UncondEmbeddings, device: torch.device | str) -> UncondEmbeddings:

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..nti_core.alignment import tokenize
 from ..nti_core.inversion import ddim_invert
+from ..nti_core.plan_spec import SOURCE
 from ..nti_core.sampling import ddim_reconstruct
 from ..nti_core.schedule import GRID_KINDS, make_grid
 from ..nti_core.validate import check_prompt
@@ -16,12 +17,12 @@ from . import types
 from .common import (
     CATEGORY,
     encode_prompt,
+    family_tokenizer,
     intermediate,
     latent_in,
     latent_out,
     make_denoiser,
     progress_bar,
-    sd1_tokenizer,
     trajectory_to,
 )
 
@@ -46,23 +47,19 @@ class NTIDDIMInvert(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="One image encoded by the checkpoint's VAE "
                                 "(VAE Encode centre-crops it to a multiple of 8 px). A batch "
                                 "of several images is refused."),
-                io.String.Input("source_prompt", multiline=True, default="",
+                io.String.Input(SOURCE.name, multiline=True, default="",
                                 tooltip="Plain words describing the photo as it is. The edit "
                                 "plan's source prompt must be exactly this text."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="DDIM steps of the inversion; sampling uses the same ones "
                              "(50 as in the paper)."),
                 io.Combo.Input("grid", options=list(GRID_KINDS), default="reference",
-                               tooltip="Timesteps: 'reference' = the papers' grid, diffusers' DDIM as "
-                               "StableDiffusionPipeline runs it (981…1 for 50 steps, the last "
-                               "step lands on ᾱ₀); 'ddim_uniform' = ComfyUI's ddim_uniform "
-                               "scheduler (the same 981…1 for 50 steps, ends at σ = 0)."),
+                               tooltip="Timesteps: 'reference' as the papers' diffusers DDIM, "
+                               "'ddim_uniform' as ComfyUI's scheduler of that name."),
                 io.Boolean.Input("record_maps", default=False,
-                                 tooltip="Keep the source prompt's cross-attention maps at a "
-                                 "quarter of the latent side (16×16 for SD 1.x at 512², 32×32 "
-                                 "for SDXL at 1024²) for every step, "
-                                 "with the trajectory: needed by Null-Text Optimize's "
-                                 "attention_loss (SD 1.x at 512², 50 steps: ~160 MB)."),
+                                 tooltip="Keep the source prompt's cross-attention maps of every "
+                                 "step with the trajectory: the attention_loss of the "
+                                 "optimisation nodes reads them."),
             ],
             outputs=[
                 types.Trajectory.Output("trajectory", display_name="trajectory",
@@ -80,7 +77,7 @@ class NTIDDIMInvert(io.ComfyNode):
         if source_prompt is None:
             return True  # linked: checked at execution
         try:
-            tokenize(sd1_tokenizer(), check_prompt(source_prompt, "source prompt"))
+            tokenize(family_tokenizer(), check_prompt(source_prompt, "source prompt"))
         except ValueError as e:
             return str(e)
         return True
@@ -90,7 +87,7 @@ class NTIDDIMInvert(io.ComfyNode):
                 grid: str, record_maps: bool = False) -> io.NodeOutput:
         den = make_denoiser(model, clip=clip)
         z0 = latent_in(model, latent, den.device)  # one image, else a clear error first
-        cond = encode_prompt(clip, source_prompt, sd1_tokenizer(), "source prompt")
+        cond = encode_prompt(clip, source_prompt, family_tokenizer(clip), "source prompt")
         g = make_grid(den.alphas_cumprod, steps, grid)  # type: ignore[arg-type]
         tick = progress_bar(2 * g.num_steps)
         start = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..nti_core.attention.maps import AttentionMaps
+from ..nti_core.family import for_embedding
 from ..nti_core.hosts.comfy import model_compute_dtype
 from ..nti_core.null_text import check_trajectory_model
 from ..nti_core.precision import sampling_dtype
@@ -18,11 +19,11 @@ from ..nti_core.trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from . import types
 from .common import (
     CATEGORY,
+    family_tokenizer,
     latent_out,
     make_denoiser,
     output_used,
     progress_bar,
-    sd1_tokenizer,
     trajectory_to,
     uncond_to,
 )
@@ -98,7 +99,7 @@ class NTIP2PSample(io.ComfyNode):
                 value_end: float = 0.5) -> io.NodeOutput:
         check_inputs(trajectory, uncond, plan)  # values and τ_v: p2p_sample checks them first
         maps_wanted = output_used(cls.hidden.prompt, cls.hidden.unique_id, 1)
-        controller = plan.spec.build(sd1_tokenizer(), trajectory.num_steps,  # the real N now
+        controller = plan.spec.build(family_tokenizer(for_embedding(trajectory.embedding)), trajectory.num_steps,  # the real N now
                                      keep_step_maps=maps_wanted,  # else only what edits read
                                      latent_hw=tuple(trajectory.latents.shape[-2:]))
         if abs(guidance - uncond.guidance) > 1e-6 and not uncond.direct:

@@ -11,8 +11,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..nti_core.hosts.comfy import autograd, check_interrupt
-from ..nti_core.null_text import check_trajectory_model, plain_null
-from ..nti_core.style import VARIANTS, StyleOptions, check_image_tokens, style_invert
+from ..nti_core.methods import Job, check_request, offered_by
+from ..nti_core.null_text import check_trajectory_model
+from ..nti_core.style import VARIANTS, StyleOptions, check_image_tokens
 from ..nti_core.trajectory import Trajectory
 from . import types
 from .common import (
@@ -24,11 +25,14 @@ from .common import (
     normal_copy,
     precision_input,
     progress_bar,
-    require_maps,
     trajectory_to,
+    uncond_to,
 )
 
 log = logging.getLogger(__name__)
+
+NODE = "NTIStyleInvert"
+(METHOD,) = offered_by(NODE)
 
 
 def vision_tokens(clip_vision: Any, image: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -55,7 +59,7 @@ class NTIStyleInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="NTIStyleInvert",
+            node_id=NODE,
             display_name="StyleDiffusion Invert (NTI)",
             category=CATEGORY,
             description="StyleDiffusion (Li et al.): learn, per step, the values of the "
@@ -81,9 +85,8 @@ class NTIStyleInvert(io.ComfyNode):
                                tooltip="λ of the attention loss (the official code: 1; needs "
                                "record_maps on DDIM Invert); 0 = latent loss only."),
                 io.Combo.Input("variant", options=list(VARIANTS), default="official",
-                               tooltip="'official': the network outputs a scale and shift of "
-                               "each row's prompt embedding (sen-mao/StyleDiffusion); 'paper': "
-                               "Table 1, the values come from the image alone."),
+                               tooltip="'official': a scale and shift of the prompt embedding "
+                               "(the official code); 'paper': values from the image alone."),
                 precision_input(),
             ],
             outputs=[
@@ -104,7 +107,8 @@ class NTIStyleInvert(io.ComfyNode):
                 precision: str = "auto") -> io.NodeOutput:
         options = StyleOptions(guidance=guidance, inner_steps=inner_steps,
                                attention_weight=attention_loss, variant=variant)  # type: ignore[arg-type]
-        require_maps(trajectory, attention_loss)
+        m = check_request(METHOD, attention_weight=attention_loss,
+                          has_maps=trajectory.maps is not None)
         den = make_denoiser(model, for_grad=True, clip=clip, precision=precision,
                             latent_hw=tuple(trajectory.latents.shape[-2:]))
         check_trajectory_model(trajectory, den)  # before minutes of optimisation
@@ -113,17 +117,19 @@ class NTIStyleInvert(io.ComfyNode):
         try:
             with autograd():
                 traj = trajectory_to(normal_copy(trajectory), den.device)
-                values = style_invert(den, traj, tokens.clone().to(den.device),
-                                      null.clone().to(den.device), options, encoder=encoder,
-                                      progress=progress_bar(traj.num_steps), check=check_interrupt,
-                                      precision=den.precision)
+                uncond, values = m.run(Job(
+                    den, traj, null.clone().to(den.device), style=options,
+                    image_tokens=tokens.clone().to(den.device), encoder=encoder,
+                    precision=den.precision, progress=progress_bar(traj.num_steps),
+                    check=check_interrupt))
         finally:
             finish_optimisation()
+        assert values is not None
         values = dataclasses.replace(
             values, shift=values.shift.to(intermediate()),
             scale=None if values.scale is None else values.scale.to(intermediate()),
             precision=den.describe())
-        uncond = plain_null(trajectory, null.to(trajectory.embedding), guidance)
+        uncond = uncond_to(uncond, intermediate())
         report = values.report()
         log.info("[NTI] %s", "; ".join(report.splitlines()[:2]))
         return io.NodeOutput(values, uncond, report, ui=ui.PreviewText(report))

@@ -1,5 +1,5 @@
 """``python -m nti_core edit|demo``."""
 
-from .cli import main
+from .app import main
 
 raise SystemExit(main())

@@ -1,4 +1,6 @@
-"""The seam between a host (diffusers, ComfyUI) and the attention controller.
+"""The engine's contract with a host (diffusers, ComfyUI): the ``Denoiser`` the math calls (ε with
+the attention controller's hooks installed), the ``Controller`` it hooks in, and the ``Model`` the
+pipeline (``nti_core.editing``) runs on. A host implements these; the engine never imports one.
 
 Both hosts hand a controller the same picture of a batch: every row is labelled with its branch
 (conditional or unconditional) and its prompt slot (0 = source, 1… = targets); the step comes from
@@ -7,10 +9,14 @@ the schedule, the site is a stable id of the attention layer.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .family import Family
+    from .tokenizer import TokenizerSpec
 
 
 class Rows(NamedTuple):
@@ -112,6 +118,33 @@ class Denoiser(Protocol):
         ...
 
     # Optional: ``dtype``, the dtype the UNet computes in (read with ``compute_dtype``).
+
+
+class Model(Protocol):
+    """A host's whole model as the pipeline reads it: the denoiser, the text encoder(s) and the
+    tokenizer its prompts are aligned with (the VAE stays with the caller)."""
+
+    @property
+    def denoiser(self) -> Denoiser: ...
+
+    @property
+    def family(self) -> Family: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The UNet's module (what an fp32 optimisation of a half model copies)."""
+        ...
+
+    def encode_prompt(self, text: str) -> Tensor:
+        """Prompt → the family's embedding [1, 77 (+1), D] (``nti_core.family``)."""
+        ...
+
+    def plan_tokenizer(self) -> TokenizerSpec:
+        """The tokenizer the edit plan finds words with: the model's own."""
+        ...
 
 
 def compute_dtype(denoiser: Denoiser) -> torch.dtype | None:

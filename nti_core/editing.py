@@ -1,42 +1,30 @@
-"""One photo edit end to end on the diffusers host (SD 1.x, SD 2.x or SDXL): invert, optimise ∅,
-sample the P2P batch."""
+"""One photo edit end to end on any host's ``Model`` (``nti_core.denoiser``): DDIM-invert the
+photo, make ∅ by an inversion method (``nti_core.methods``), sample the Prompt-to-Prompt batch.
+The command line's ``edit`` and ``demo`` run it."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .attention.edits import P2PController
 from .attention.plan import P2PSpec
-from .hosts.diffusers.models import SDModel
+from .denoiser import Model
 from .inversion import ddim_invert
 from .memory import checkpointing_needed
-from .null_text import (
-    NULL_TEXT_METHODS,
-    NullTextOptions,
-    direct_inversion,
-    negative_prompt_inversion,
-    null_text_optimize,
-    plain_null,
-)
+from .methods import DEFAULT, Job, check_request
+from .null_text import NullTextOptions
 from .precision import Precision, resolve, sampling_dtype
 from .progress import Progress, no_progress
 from .sampling import p2p_sample
 from .schedule import GridKind, make_grid
-from .style import StyleOptions, style_invert
-from .tokenizer import from_hf
+from .style import StyleOptions
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from .validate import check_prompt
-
-Method = Literal["null-text", "null-text-fast", "direct", "negative-prompt", "styled", "none"]
-METHODS: tuple[Method, ...] = ("null-text", "null-text-fast", "direct", "negative-prompt",
-                               "styled", "none")
-OPTIMISED: tuple[Method, ...] = ("null-text", "null-text-fast", "styled")  # need autograd
 
 
 @dataclass
@@ -51,14 +39,22 @@ class Inversion:
     checkpointing: bool = False  # gradient checkpointing during the optimisation
 
 
-def invert(
-    model: SDModel,
-    z0: Tensor,
-    source: str,
+def ddim(model: Model, z0: Tensor, source: str, *, steps: int = 50,
+         grid: GridKind = "reference", record_maps: bool = False,
+         progress: Progress = no_progress) -> Trajectory:
+    """The DDIM pivot of z0 under ``source`` (``record_maps``: keep the source's cross-attention
+    maps, which an attention loss reads)."""
+    source = check_prompt(source, "source prompt")
+    g = make_grid(model.denoiser.alphas_cumprod, steps, grid)
+    return ddim_invert(model.denoiser, z0, model.encode_prompt(source), g, source,
+                       record_maps=record_maps, progress=progress)
+
+
+def optimise(
+    model: Model,
+    traj: Trajectory,
+    method: str = DEFAULT,
     *,
-    steps: int = 50,
-    grid: GridKind = "reference",
-    method: Method = "null-text",
     options: NullTextOptions = NullTextOptions(),
     style: StyleOptions = StyleOptions(),
     image_tokens: Tensor | None = None,
@@ -68,74 +64,66 @@ def invert(
     checkpointing: bool | None = None,
     progress: Progress = no_progress,
 ) -> Inversion:
-    """DDIM inversion of z0 under ``source``, then ∅ by ``method``: ``null-text`` (the
-    reference's optimisation with ``options``), ``null-text-fast`` (the same with
-    ``options.fast``), ``direct`` (Direct Inversion: ∅ = "", no optimisation, the sampler keeps
-    the source row on the pivot), ``negative-prompt``, ``none``; ``styled`` optimises
-    StyleDiffusion's value embeddings from ``image_tokens`` = E(x) instead (∅ stays "", or
-    Direct Inversion's with ``direct``).
+    """∅ (and StyleDiffusion's values) by ``method`` on an inverted trajectory.
 
     ``precision`` (auto / fp32 / model, ``nti_core.precision``) sets what the optimising
     methods' UNet passes compute in; ``checkpointing`` (None: when the estimated activations
     would not fit the device's free memory, ``nti_core.memory``) recomputes UNet blocks in the
     backward instead of keeping their activations — the same result, less memory."""
-    source = check_prompt(source, "source prompt")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    m = check_request(method, direct=direct, encoder=image_tokens is not None)
     prec = resolve(precision, model.denoiser.dtype)
-    g = make_grid(model.alphas_cumprod, steps, grid)
-    cond, null = model.encode_prompt(source), model.encode_prompt("")
-    t0 = time.perf_counter()
-    if method == "styled" and image_tokens is None:
-        raise ValueError("StyleDiffusion needs the image encoder's tokens of the photo")
-    if direct and method != "styled":
-        raise ValueError(f"direct=True composes Direct Inversion with method 'styled'; for "
-                         f"{method!r} use method 'direct'")
-    nti = method in NULL_TEXT_METHODS
-    record = ((nti and options.attention_weight > 0)
-              or (method == "styled" and style.attention_weight > 0))
-    traj = ddim_invert(model.denoiser, z0, cond, g, source, record_maps=record, progress=progress)
-    t1 = time.perf_counter()
-    optimised = method in OPTIMISED
     if checkpointing is None:  # an fp32 optimisation of a half UNet casts it: its size again
         cast = sum(p.numel() * 4 for p in model.unet.parameters()) if prec.changed else 0
-        checkpointing = optimised and checkpointing_needed(
-            model.family.key, tuple(z0.shape[-2:]), prec.compute, model.device, extra=cast)
-    session = (model.denoiser.optimising(prec, checkpointing) if optimised
+        checkpointing = m.optimises and checkpointing_needed(
+            model.family.key, tuple(traj.latents.shape[-2:]), prec.compute, model.device,
+            extra=cast)
+    job = Job(model.denoiser, traj, model.encode_prompt(""), options, style, image_tokens,
+              encoder, direct, prec if m.optimises else None, progress)
+    session = (model.denoiser.optimising(prec, checkpointing) if m.optimises
                else contextlib.nullcontext())
+    start = time.perf_counter()
     with session:
-        uncond, values = _optimise(model, traj, null, method, options, style, image_tokens,
-                                   encoder, direct, prec, progress)
-    t2 = time.perf_counter()
-    return Inversion(traj, uncond, {"ddim_inversion": t1 - t0, method: t2 - t1}, values,
-                     prec if optimised else None, bool(checkpointing))
+        uncond, values = m.run(job)
+    return Inversion(traj, uncond, {method: time.perf_counter() - start}, values,
+                     prec if m.optimises else None, bool(checkpointing))
 
 
-def _optimise(model: SDModel, traj: Trajectory, null: Tensor, method: Method,
-              options: NullTextOptions, style: StyleOptions, image_tokens: Tensor | None,
-              encoder: str, direct: bool, prec: Precision,
-              progress: Progress) -> tuple[UncondEmbeddings, ValueEmbeddings | None]:
-    """∅ (and StyleDiffusion's values) by ``method`` on an inverted trajectory."""
-    values = None
-    if method in NULL_TEXT_METHODS:
-        options = replace(options, fast=method == "null-text-fast")
-        uncond = null_text_optimize(model.denoiser, traj, null, options, progress=progress,
-                                    precision=prec)
-    elif method == "direct":
-        uncond = direct_inversion(traj, null, options.guidance)
-    elif method == "negative-prompt":
-        uncond = negative_prompt_inversion(traj, options.guidance)
-    elif method == "styled":
-        assert image_tokens is not None
-        uncond = (direct_inversion if direct else plain_null)(traj, null, style.guidance)
-        values = style_invert(model.denoiser, traj, image_tokens, null, style, encoder=encoder,
-                              progress=progress, precision=prec)
-    else:
-        uncond = plain_null(traj, null, options.guidance)
-    return uncond, values
+def invert(
+    model: Model,
+    z0: Tensor,
+    source: str,
+    *,
+    steps: int = 50,
+    grid: GridKind = "reference",
+    method: str = DEFAULT,
+    options: NullTextOptions = NullTextOptions(),
+    style: StyleOptions = StyleOptions(),
+    image_tokens: Tensor | None = None,
+    encoder: str = "image encoder",
+    direct: bool = False,
+    precision: str = "auto",
+    checkpointing: bool | None = None,
+    progress: Progress = no_progress,
+) -> Inversion:
+    """DDIM inversion of z0 under ``source``, then ∅ by ``method`` (``nti_core.methods``: the
+    paper's ``null-text`` with ``options``, ``null-text-fast``, ``direct``, ``negative-prompt``,
+    ``ddim``; ``styled`` optimises StyleDiffusion's value embeddings from ``image_tokens`` = E(x)
+    instead, ∅ staying "" — or Direct Inversion's with ``direct``). Every request is checked
+    before the inversion starts."""
+    source = check_prompt(source, "source prompt")
+    m = check_request(method, direct=direct, encoder=image_tokens is not None)
+    start = time.perf_counter()
+    traj = ddim(model, z0, source, steps=steps, grid=grid,
+                record_maps=m.attention_weight(options, style) > 0, progress=progress)
+    took = time.perf_counter() - start
+    inv = optimise(model, traj, method, options=options, style=style, image_tokens=image_tokens,
+                   encoder=encoder, direct=direct, precision=precision,
+                   checkpointing=checkpointing, progress=progress)
+    inv.timings = {"ddim_inversion": took, **inv.timings}
+    return inv
 
 
-def build_controller(model: SDModel, spec: P2PSpec, num_steps: int,
+def build_controller(model: Model, spec: P2PSpec, num_steps: int,
                      keep_step_maps: bool = False,
                      latent_hw: tuple[int, int] | None = None) -> P2PController:
     """The P2P controller for ``spec`` with the model's own tokenizer (all checks happen here);
@@ -143,13 +131,13 @@ def build_controller(model: SDModel, spec: P2PSpec, num_steps: int,
     check_prompt(spec.source, "source prompt")
     for t in spec.targets:
         check_prompt(t, "target prompt")
-    return spec.build(from_hf(model.tokenizer), num_steps, keep_step_maps, latent_hw)
+    return spec.build(model.plan_tokenizer(), num_steps, keep_step_maps, latent_hw)
 
 
 def edit(
-    model: SDModel,
+    model: Model,
     inv: Inversion,
-    spec: P2PSpec,
+    spec: P2PSpec | None = None,
     *,
     controller: P2PController | None = None,
     guidance: float | None = None,
@@ -157,19 +145,20 @@ def edit(
     progress: Progress = no_progress,
 ) -> Tensor:
     """Latents [1 + K, 4, h, w]: the reconstruction, then one edit per target prompt
-    (with StyleDiffusion's values: targets read them while step < ``value_end``·N). The UNet
-    samples in the dtype the ∅ (and values) were optimised in (``precision.sampling_dtype``)."""
-    if spec.source != inv.trajectory.prompt:
-        raise ValueError(
-            f"the edit's source prompt {spec.source!r} is not the inversion's "
-            f"{inv.trajectory.prompt!r}"
-        )
+    (with StyleDiffusion's values: targets read them while step < ``value_end``·N); without
+    ``spec``, the reconstruction alone. The UNet samples in the dtype the ∅ (and values) were
+    optimised in (``precision.sampling_dtype``)."""
     traj = inv.trajectory
-    ctrl = controller or build_controller(model, spec, traj.num_steps,
-                                          latent_hw=tuple(traj.latents.shape[-2:]))
-    contexts = torch.cat([inv.trajectory.embedding] + [model.encode_prompt(t) for t in spec.targets])
+    contexts = traj.embedding
+    if spec is not None:
+        if spec.source != traj.prompt:
+            raise ValueError(f"the edit's source prompt {spec.source!r} is not the inversion's "
+                             f"{traj.prompt!r}")
+        controller = controller or build_controller(model, spec, traj.num_steps,
+                                                    latent_hw=tuple(traj.latents.shape[-2:]))
+        contexts = torch.cat([traj.embedding] + [model.encode_prompt(t) for t in spec.targets])
     dtype = sampling_dtype(model.denoiser.dtype, inv.uncond, inv.values)
     with model.denoiser.computing(dtype):  # in the dtype the ∅ were optimised in
-        return p2p_sample(model.denoiser, inv.trajectory, inv.uncond, contexts,
-                          guidance=guidance, controller=ctrl, values=inv.values,
-                          value_end=value_end, progress=progress)
+        return p2p_sample(model.denoiser, traj, inv.uncond, contexts, guidance=guidance,
+                          controller=controller, values=inv.values, value_end=value_end,
+                          progress=progress)

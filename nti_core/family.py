@@ -40,7 +40,8 @@ class Family:
     downsampling factors that have cross-attention in the standard architecture (SD 1.x / 2.x:
     1, 2, 4, 8; SDXL: 2, 4 — no attention at full resolution). ``transformer_blocks``: how many
     BasicTransformerBlocks the standard architecture has (16 / 16 / 70). ``prediction``: "eps"
-    or "v"; ``zero_snr``: the schedule was rescaled to zero terminal SNR.
+    or "v"; ``zero_snr``: the schedule was rescaled to zero terminal SNR. ``tokenizer``: the
+    name of the vocabulary its text encoders read (``nti_core.tokenizer.TOKENIZERS``).
     """
 
     key: str
@@ -54,6 +55,7 @@ class Family:
     latent_channels: int = 4
     prediction: str = "eps"
     zero_snr: bool = False
+    tokenizer: str = "clip-bpe"
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:

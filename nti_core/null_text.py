@@ -20,6 +20,7 @@ from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
 from .denoiser import Denoiser, Rows, compute_dtype, same_model
 from .finite import check_finite
+from .methods import DIRECT, NEGATIVE_PROMPT, NULL_TEXT, NULL_TEXT_FAST
 from .precision import LossScaler, Precision, dtype_key
 from .progress import Progress, no_progress
 from .schedule import sample_step
@@ -27,7 +28,6 @@ from .trajectory import Trajectory, UncondEmbeddings, stack
 from .validate import check_context
 
 UNCOND_ROW = Rows.make([False], [0])  # the ∅ pass, labelled as such for the map recorder
-NULL_TEXT_METHODS = ("null-text", "null-text-fast")  # the optimising ones (NullTextOptions.method)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class NullTextOptions:
 
     @property
     def method(self) -> str:
-        return "null-text-fast" if self.fast else "null-text"
+        return NULL_TEXT_FAST if self.fast else NULL_TEXT
 
     def __post_init__(self) -> None:
         if not self.guidance > 0:
@@ -279,14 +279,14 @@ def null_text_optimize(
 def negative_prompt_inversion(traj: Trajectory, guidance: float = 7.5) -> UncondEmbeddings:
     """NPI (Miyake et al. 2023): ∅_i := C for every step — no optimisation."""
     emb = traj.embedding.detach().expand(traj.num_steps, -1, -1).clone()
-    return UncondEmbeddings(embeddings=emb, method="negative-prompt", guidance=guidance)
+    return UncondEmbeddings(embeddings=emb, method=NEGATIVE_PROMPT, guidance=guidance)
 
 
 def direct_inversion(traj: Trajectory, null_embedding: Tensor,
                      guidance: float = 7.5) -> UncondEmbeddings:
     """Direct Inversion (Ju et al. 2024, "PnP Inversion"): no optimisation; ∅ = "" at every
     step, and ``p2p_sample`` puts the source row back on the pivot after every step."""
-    return replace(plain_null(traj, null_embedding, guidance), method="direct")
+    return replace(plain_null(traj, null_embedding, guidance), method=DIRECT)
 
 
 def plain_null(traj: Trajectory, null_embedding: Tensor, guidance: float = 7.5) -> UncondEmbeddings:

@@ -175,3 +175,16 @@ def sd1_clip_tokenizer(
     """SD 1.x CLIP tokenizer (BOS 49406, EOS 49407, 77 positions) as a :class:`TokenizerSpec`."""
     path = resolve_vocab_folder(folder, cache_dir)
     return HFTokenizer(_load_clip(str(path.resolve())), SD1_MAX_LENGTH)
+
+
+# The vocabularies the families' text encoders read, by name (``Family.tokenizer``): CLIP-L (SD 1.x,
+# SDXL's first), OpenCLIP-H (SD 2.x) and OpenCLIP-G (SDXL's second) all tokenise with CLIP's BPE
+# of 49408 tokens and 77 positions; they differ only in how they pad, after the words.
+TOKENIZERS = {"clip-bpe": sd1_clip_tokenizer}
+
+
+def family_tokenizer(name: str, folder: str | Path | None = None) -> HFTokenizer:
+    """The tokenizer a family names (``folder``: where its vocabulary files are, when known)."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"no tokenizer named {name!r}; known: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[name](folder)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .methods import DIRECT
 from .schedule import Grid
 
 
@@ -91,7 +92,7 @@ class UncondEmbeddings:
     @property
     def direct(self) -> bool:
         """Direct Inversion: the sampler keeps the source row on the pivot."""
-        return self.method == "direct"
+        return self.method == DIRECT
 
     def at(self, i: int) -> Tensor:
         """∅_i as [1, L, D]."""

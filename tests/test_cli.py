@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nti_core.cli import main
+from nti_core.app import main
 
 
 def test_demo_writes_images_a_contact_sheet_and_a_report(tmp_path, capsys, caplog):
@@ -26,7 +26,7 @@ def test_demo_writes_images_a_contact_sheet_and_a_report(tmp_path, capsys, caplo
     # spends the budget here: at 8 steps the DDIM step error is large)
     assert rec["null-text-fast"]["latent_mse"] < nti
     assert sum(report["null_text_fast"]["iterations"]) <= sum(report["null_text"]["iterations"])
-    from nti_core.cli import DEMO_EDITS
+    from nti_core.app.demo import DEMO_EDITS
 
     for name, _, _ in DEMO_EDITS:
         e = report["edits"][name]
@@ -54,7 +54,7 @@ def test_demo_writes_images_a_contact_sheet_and_a_report(tmp_path, capsys, caplo
     [
         (["--image", "missing.png"], "no image at"),
         (["--source", "  "], "source prompt is empty"),
-        (["--target", "a big dog sitting next to a mirror", "--mode", "replace"],
+        (["--target", "a big dog sitting next to a mirror", "--edit-kind", "replace"],
          "same number of words"),
         (["--reweight", "zebra:2"], "zebra"),
         (["--size", "100"], "multiple of 8"),
@@ -98,7 +98,7 @@ def test_model_path_error_comes_alone(tmp_path):
 
 
 def test_help_shows_every_default_and_no_ckpt(capsys):
-    from nti_core.cli import parser
+    from nti_core.app import parser
 
     sub = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name, p in sub.items():
@@ -109,5 +109,5 @@ def test_help_shows_every_default_and_no_ckpt(capsys):
         main(["edit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
-    assert "(default: 50)" in text and "(default: 0.8)" in text and "(default: 32)" in text
+    assert "(default: 50)" in text and "(default: 0.8)" in text and "(default: 32x32)" in text
     assert ".ckpt" not in text

@@ -1,4 +1,4 @@
-"""Direct Inversion and the fast null-text mode (issue 8), on the trained demo model.
+"""Direct Inversion and the fast null-text mode, on the trained demo model.
 
 Direct Inversion is checked against a transcription of the official two-pass code
 (cure-lab/PnPInversion: ``offset_calculate`` + ``direct_inversion_p2p_guidance_diffusion_step``);

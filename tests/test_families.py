@@ -441,7 +441,7 @@ def test_cli_edit_on_a_folder(folders, key, tmp_path, caplog):
     written, and the reported null-text reconstruction error is finite and below plain DDIM's
     (the same photo, steps and guidance 7.5, with the model in memory that the folder holds).
     Measured at 64², 4 steps: SD2-v DDIM 0.040 / null-text 0.020, SDXL-ε 0.025 / 0.0017."""
-    from nti_core.cli import main
+    from nti_core.app import main
 
     out = tmp_path / "edit"
     argv = ["edit", "--model", str(folders[key]), "--image", str(CAT), "--source", CAT_PROMPT,

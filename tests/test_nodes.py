@@ -318,7 +318,7 @@ def test_parity_with_diffusers_host(
     plan = chain["plan"]
     contexts = torch.cat([traj.embedding, plan.targets]).clone()
     z = core.p2p_sample(ref, theirs, chain["uncond"], contexts, guidance=7.5,
-                        controller=plan.spec.build(sub("nodes.common").sd1_tokenizer(), STEPS))
+                        controller=plan.spec.build(sub("nodes.common").family_tokenizer(), STEPS))
     raw = comfy_sd15[0].model.process_latent_out(z)
     assert_mostly_close(chain["latents"]["samples"], raw, atol=1e-4 / 0.18215)
 
@@ -597,7 +597,7 @@ def test_plan_self_limit_reaches_the_controller(N: Any, comfy_sd15: Any) -> None
     for option, pixels in (("32x32", 32 * 32), ("16x16", 16 * 16)):
         (plan,) = run(N["NTIAttentionEditPlan"], clip=clip,
                       **{**PLAN_DEFAULTS, "self_limit": option}).args
-        controller = plan.spec.build(sub("nodes.common").sd1_tokenizer(), STEPS)
+        controller = plan.spec.build(sub("nodes.common").family_tokenizer(), STEPS)
         assert controller.self_max_pixels == pixels
 
 
@@ -606,7 +606,7 @@ def test_plan_p2plus_reaches_the_controller(N: Any, comfy_sd15: Any) -> None:
     for tau, steps in ((0.0, (0, 0)), (0.5, (0, STEPS // 2))):
         (plan,) = run(N["NTIAttentionEditPlan"], clip=clip,
                       **{**PLAN_DEFAULTS, "uncond_self_end": tau}).args
-        controller = plan.spec.build(sub("nodes.common").sd1_tokenizer(), STEPS)
+        controller = plan.spec.build(sub("nodes.common").family_tokenizer(), STEPS)
         assert controller.uncond_self_range == steps
 
 
@@ -665,7 +665,7 @@ def test_attention_maps_node(N: Any, chain: dict[str, Any], quarter_sd15: Any,
     target = TARGETS.splitlines()[0]
     maps, labels = maps_mod.word_maps(
         maps_mod.average_maps(am, 1, None, range(STEPS)),
-        sub("nti_core.alignment").tokenize(sub("nodes.common").sd1_tokenizer(), target))
+        sub("nti_core.alignment").tokenize(sub("nodes.common").family_tokenizer(), target))
     assert labels == target.split() and maps.shape[0] == len(labels)
     # with LocalBlend the mask is LocalBlend's, upsampled to the image
     (plan,) = run(N["NTIAttentionEditPlan"], clip=clip,
@@ -831,7 +831,7 @@ class TwoEncoderClip:
 def test_sdxl_word_positions_must_agree_for_both_encoders(pack: ModuleType) -> None:
     """SDXL's two tokenizers share the vocabulary; a prompt they place differently is refused."""
     common = sub("nodes.common")
-    tok = common.sd1_tokenizer()
+    tok = common.family_tokenizer()
     text = "a cat sitting next to a mirror"
     clip = TwoEncoderClip([tok.bos, *tok.encode(text), tok.eos])
     with pytest.raises(ValueError, match=r"CLIP \(g\) tokenises the prompt .* word positions"):

@@ -234,7 +234,7 @@ def test_cli_dtype_bf16_computes_in_bf16_and_differs_from_fp32_by_the_measured_a
     by 0.18/255 and 1.58/255 on average."""
     from core_support import CAT
 
-    from nti_core.cli import main
+    from nti_core.app import main
 
     reports, images = {}, {}
     for name, dtype, precision in (("fp32", "fp32", "auto"), ("bf16", "bf16", "auto"),

@@ -285,14 +285,14 @@ def test_cli_edit_runs_on_a_single_file_checkpoint(tiny_ckpt: Path, tmp_path: Pa
 
     from core_support import CAT
 
-    from nti_core.cli import main
+    from nti_core.app import main
 
     out = tmp_path / "edit"
     argv = ["edit", "--model", str(tiny_ckpt), "--image", str(CAT),
             "--source", "a cat sitting next to a mirror",
             "--target", "a tiger sitting next to a mirror",
             "--target", "a dog sitting next to a mirror",
-            "--blend", "cat", "--blend", "tiger", "--steps", "3", "--size", "64", "--out", str(out)]
+            "--blend-words", "cat tiger", "--steps", "3", "--size", "64", "--out", str(out)]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert [Path(p).name for p in report["paths"]] == [
@@ -311,7 +311,7 @@ def test_cli_styled_edit(tiny_ckpt: Path, tmp_path: Path) -> None:
     from core_support import CAT
     from tiny_models import tiny_clip_vision
 
-    from nti_core.cli import main
+    from nti_core.app import main
 
     encoder = tmp_path / "clip_vision"
     tiny_clip_vision(seed=0).save_pretrained(encoder)
@@ -322,7 +322,7 @@ def test_cli_styled_edit(tiny_ckpt: Path, tmp_path: Path) -> None:
             "--out", str(out), "--method", "styled"]
     assert main(base) == 2  # no encoder: refused before the model loads
     argv = base + ["--image-encoder", str(encoder), "--style-inner-steps", "2",
-                   "--uncond-self", "0.5", "--value-end", "0.4"]
+                   "--uncond-self-end", "0.5", "--value-end", "0.4"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert "StyleDiffusion (official mapping network" in report["values"]
@@ -340,14 +340,14 @@ def test_cli_direct_and_fast_methods(tiny_ckpt: Path, tmp_path: Path, method: st
     from core_support import CAT
     from PIL import Image
 
-    from nti_core.cli import main
+    from nti_core.app import main
     from nti_core.hosts.diffusers.models import load_sd1
     from nti_core.images import load_image, to_uint8
 
     out = tmp_path / method
     argv = ["edit", "--model", str(tiny_ckpt), "--image", str(CAT),
             "--source", "a cat sitting next to a mirror",
-            "--target", "a dog sitting next to a mirror", "--blend", "cat", "--blend", "dog",
+            "--target", "a dog sitting next to a mirror", "--blend-words", "cat dog",
             "--steps", "3", "--size", "64", "--out", str(out), "--method", method,
             "--no-attention-maps"]
     assert main(argv) == 0

@@ -9,7 +9,8 @@ per-target tensor). On conditional rows, after the softmax and without renormali
             then Reweight multiplies edit by the equaliser e [L].
     self:   A_tgt ← A_src where Nq ≤ self_max_pixels (32², or 16² as the P2P notebook) and
             lo ≤ step < hi.
-P2Plus also injects the source's self-attention into the targets' *unconditional* rows.
+P2Plus also injects the source's self-attention into the targets' *unconditional* rows, into
+maps up to 32² whatever self_max_pixels is (as StyleDiffusion's official code).
 """
 
 from __future__ import annotations
@@ -173,7 +174,10 @@ class P2PController:
 
             return by_branch(q, k, v, rows, lambda q, k, v, _: sdpa(q, k, v, heads), cond)
         inject_c = small and self.self_range[0] <= step < self.self_range[1]
-        inject_u = small and self.uncond_self_range[0] <= step < self.uncond_self_range[1]
+        # P2Plus reaches every map up to 32×32 whatever self_max_pixels says, as the official
+        # code's unconditional injection does
+        inject_u = (hw[0] * hw[1] <= MAX_MAP_PIXELS
+                    and self.uncond_self_range[0] <= step < self.uncond_self_range[1])
         if not (inject_c or inject_u):
             return sdpa(q, k, v, heads)
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from ...family import SD1, SD2, SDXL, SUPPORTED, Family
 from ...finite import check_finite
 from ...schedule import scaled_linear_alphas_cumprod, zero_terminal_snr
+from ...tokenizer import HFTokenizer, from_hf
 from .denoiser import DiffusersDenoiser
 from .single_file import check_sd1_family, read_header, write_sd1_config
 
@@ -118,6 +119,10 @@ class SDModel:
         out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         tokens = torch.cat([states, out_2.hidden_states[-2]], dim=-1).float()
         return self.family.pack(tokens, out_2.text_embeds.float())
+
+    def plan_tokenizer(self) -> HFTokenizer:
+        """The folder's own tokenizer, as the edit plan reads it."""
+        return from_hf(self.tokenizer)
 
     @torch.no_grad()
     def encode_image(self, x: Tensor) -> Tensor:
