@@ -79,7 +79,7 @@ class NTIP2PSample(io.ComfyNode):
                                optional=True,
                                tooltip="StyleDiffusion τ_v: fraction of the first steps where "
                                "the targets read the learned values; the source row always "
-                               "does (official README: 0.5)."),
+                               "does (the official code: 0.5)."),
             ],
             outputs=[
                 io.Latent.Output("latents", display_name="latents",

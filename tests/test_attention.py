@@ -345,3 +345,21 @@ def test_store_materialises_only_what_is_read(tok: tk.TokenizerSpec) -> None:
     assert blend.store.resolutions() == [(4, 4)]  # a quarter of 16×16
     assert view.store.resolutions() == [(2, 2), (4, 4), (8, 8)]
     assert torch.equal(blend.store.sums((4, 4), 1), view.store.sums((4, 4), 1))
+
+
+@pytest.mark.parametrize("limit", [32, 16])
+def test_p2plus_reaches_32x32_whatever_the_self_limit(tok: tk.TokenizerSpec, limit: int) -> None:
+    """StyleDiffusion's official code injects the unconditional self-attention into maps up to
+    32×32 (its replace_self_attention), also when P2P's own injection stops at 16×16."""
+    c = P2PSpec(CAT, (CAT,), mode="reweight", self_steps=0.0, self_limit=limit,
+                uncond_self=1.0).build(tok, 10)
+    rows = Rows.cfg(2)
+    for hw in ((16, 16), (32, 32), (64, 32)):
+        n = hw[0] * hw[1]
+        q, k, v = rand(4, n, 0), rand(4, n, 1), rand(4, n, 2)
+        out = call(c, q, k, v, SELF, hw, 3, rows)
+        injected = n <= 32 * 32
+        p_src = attention_probs(q[0:1], k[0:1], HEADS)
+        tgt = probs_times_v(p_src, v[1:2])[0] if injected else sdpa(q, k, v, HEADS)[1]
+        assert torch.allclose(out[1], tgt, atol=1e-6), (limit, hw)
+        assert torch.allclose(out[3], sdpa(q, k, v, HEADS)[3], atol=1e-6)  # cond: self_steps 0

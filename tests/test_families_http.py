@@ -31,6 +31,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from workflow_api import find_nodes, save_latents, set_input, ui_to_api
 
+from nti_core.methods import offered_by
+
 pytestmark = pytest.mark.slow
 
 WORKFLOWS = http_support.REPO_ROOT / "workflows"
@@ -42,7 +44,7 @@ FAMILIES = {
     "sd2-v": (comfy_support.SD2_V_SPEC, "nti_tiny_sd2_v.safetensors", "nti_p2p_real_image_edit"),
     "sdxl": (comfy_support.SDXL_SPEC, "nti_tiny_sdxl.safetensors", "nti_sdxl_real_image_edit"),
 }
-METHODS = ("null-text", "null-text-fast", "negative-prompt", "direct")
+METHODS = offered_by("NTINullTextOptimize")  # every method the node offers (nti_core/methods.py)
 
 
 @pytest.fixture(scope="module")
