@@ -1,6 +1,6 @@
 """Model families: what the engine needs to know about an SD-style UNet model instead of SD 1.x
 constants. Host-neutral; each host detects the family of the model it was given
-(``hosts.comfy.family.detect`` from a ComfyUI MODEL, ``hosts.diffusers_models`` from a folder).
+(``hosts.comfy.family.detect`` from a ComfyUI MODEL, ``hosts.diffusers.models`` from a folder).
 
 Supported: the latent-diffusion UNets with CLIP text cross-attention — SD 1.x, SD 2.x and SDXL,
 each with ε- or v-prediction on the discrete 1000-step schedule (zero-terminal-SNR included).

@@ -65,7 +65,7 @@ def psnr(a: Tensor, b: Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
 
 
-def _wrap(text: str, font, width: float) -> list[str]:
+def wrap_text(text: str, font, width: float) -> list[str]:
     """Split ``text`` into lines (on "\n", then between words) no wider than ``width``."""
     out: list[str] = []
     for para in text.split("\n"):
@@ -89,9 +89,9 @@ def contact_sheet(tiles: list[tuple[Tensor, str]], path: str | Path, columns: in
 
     font = ImageFont.load_default(size=max(11, tile // 18))
     line = int(font.size * 1.3)
-    captions = [_wrap(c, font, tile) for _, c in tiles]
+    captions = [wrap_text(c, font, tile) for _, c in tiles]
     pad = 8
-    heading = _wrap(title, font, columns * (tile + pad) - pad) if title else []
+    heading = wrap_text(title, font, columns * (tile + pad) - pad) if title else []
     top = len(heading) * line + (pad if heading else 0)
     rows = -(-len(tiles) // columns)
     cell_w, cell_h = tile + pad, tile + pad + max(map(len, captions)) * line + pad
@@ -140,7 +140,7 @@ def heatmap_grid(photo: Tensor, maps: Tensor, labels: list[str], title: str = ""
     line, pad = int(font.size * 1.3), 6
     cols = max(1, min(columns, len(labels)))
     rows = -(-len(labels) // cols)
-    heading = _wrap(title, font, cols * (tile + pad) - pad) if title else []
+    heading = wrap_text(title, font, cols * (tile + pad) - pad) if title else []
     top = len(heading) * line + (pad if heading else 0)
     cell_w, cell_h = tile + pad, tile + line + 2 * pad
     sheet = Image.new("RGB", (cols * cell_w + pad, top + rows * cell_h + pad), "white")
@@ -156,7 +156,7 @@ def heatmap_grid(photo: Tensor, maps: Tensor, labels: list[str], title: str = ""
         left, upper = pad + c * cell_w, top + pad + r * cell_h
         mixed = (1 - opacity) * grey + opacity * colourise(heat).astype(np.float32)
         sheet.paste(Image.fromarray(mixed.round().astype(np.uint8)), (left, upper))
-        text = label if font.getlength(label) <= tile else _wrap(label, font, tile)[0] + "…"
+        text = label if font.getlength(label) <= tile else wrap_text(label, font, tile)[0] + "…"
         draw.text((left + (tile - font.getlength(text)) / 2, upper + tile + 3), text,
                   fill="black", font=font)
     return np.array(sheet)  # a writable copy (torch.from_numpy needs one)

@@ -89,3 +89,14 @@ def test_each_plan_field_is_spelled_in_one_module():
         where = {w for w in spelled(f'"{f.name}"') + spelled(f"'{f.name}'")
                  if any(w.startswith(r) for r in readers)}
         assert where == {"nti_core/plan_spec.py"}, (f.name, where)
+
+
+def test_the_readme_is_a_short_door_with_a_picture_first():
+    """≤ 200 lines, a picture in the first 30, and every local link and image it names exists."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, len(lines)
+    assert any(re.search(r"!\[[^\]]*\]\([^)]+\.(jpg|png)\)", line) for line in lines[:30])
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)|src=\"([^\"]+)\"", "\n".join(lines)):
+        path = next(t for t in target if t)
+        if "://" not in path:
+            assert (ROOT / path).exists(), path

@@ -509,7 +509,7 @@ def _model_index(version: str) -> dict[str, Any]:
 
 def write_tokenizer(folder: Path, max_length: int) -> None:
     """Save SD 1.x's CLIP tokenizer (from ``sd1_clip_tokenizer()``) in ``folder``."""
-    from ..tokenizer import sd1_clip_tokenizer
+    from ...tokenizer import sd1_clip_tokenizer
 
     sd1_clip_tokenizer().tokenizer.save_pretrained(str(folder))
     path = folder / "tokenizer_config.json"
