@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import routes  # noqa: F401  (registers the token view's route on ComfyUI's server)
 from .attention_maps import NTIAttentionMaps
 from .ddim_invert import NTIDDIMInvert
 from .edit_plan import NTIAttentionEditPlan
 from .load_inversion import NTILoadInversion
 from .null_text import NTINullTextOptimize
 from .p2p_sample import NTIP2PSample
+from .p2p_sweep import NTIP2PSweep
 from .save_inversion import NTISaveInversion
 from .style_invert import NTIStyleInvert
 
@@ -19,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     NTIStyleInvert,
     NTIAttentionEditPlan,
     NTIP2PSample,
+    NTIP2PSweep,
     NTISaveInversion,
     NTILoadInversion,
     NTIAttentionMaps,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from ..nti_core.family import SD1, Family
 from ..nti_core.hosts.comfy import ComfyDenoiser, check_interrupt, check_pair, clip_family
 from ..nti_core.precision import PRECISIONS
-from ..nti_core.progress import Progress
+from ..nti_core.progress import Progress, StepLoss, no_step_loss
 from ..nti_core.tokenizer import HFTokenizer
 from ..nti_core.tokenizer import family_tokenizer as tokenizer_named
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "NTI Photo Edit"
 LATENT_CHANNELS = 4  # SD 1.x, SD 2.x and SDXL
+LOSS_EVENT = "nti_photo_edit.loss"  # one message per optimised step (web/nti_loss_curve.js)
+LOSS_UI = "nti_loss"  # the whole curve in the node's UI output, kept by the frontend
 
 
 def family_tokenizer(clip_or_family: Any = None) -> HFTokenizer:
@@ -141,6 +144,31 @@ def progress_bar(total: int) -> Progress:
         bar.update(done)
 
     return tick
+
+
+def loss_messages(node_id: Any) -> StepLoss:
+    """A step-loss callback sending ``LOSS_EVENT`` {node, step, total, first, final} to the
+    client that queued the prompt, as ComfyUI's own messages go; sends nothing outside a server
+    (``main.py`` imports ``server`` before any node runs; in-process tests have none)."""
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if server is None or node_id is None:
+        return no_step_loss
+
+    def send(step: int, total: int, first: float, final: float) -> None:
+        if server.client_id is not None:  # a prompt without one gets no "executed" either
+            server.send_sync(LOSS_EVENT, {"node": str(node_id), "step": step, "total": total,
+                                          "first": first, "final": final}, server.client_id)
+
+    return send
+
+
+def loss_ui(report: str, first: list[float], final: list[float]) -> dict:
+    """An optimising node's UI output: its text report and, when it has losses, the whole
+    curve under ``LOSS_UI``. UI outputs are no inputs: the node's cache key stays the same."""
+    from comfy_api.latest import ui
+
+    text = ui.PreviewText(report).as_dict()
+    return {**text, LOSS_UI: [{"first": list(first), "final": list(final)}]} if first else text
 
 
 def intermediate() -> torch.device:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..nti_core.hosts.comfy import autograd, check_interrupt
 from ..nti_core.methods import DEFAULT, Job, check_request, offered_by
@@ -19,6 +19,8 @@ from .common import (
     encode_empty,
     finish_optimisation,
     intermediate,
+    loss_messages,
+    loss_ui,
     make_denoiser,
     normal_copy,
     precision_input,
@@ -72,6 +74,7 @@ class NTINullTextOptimize(io.ComfyNode):
                 io.String.Output("report", display_name="report",
                                  tooltip="Per-step iterations and losses (first → last)."),
             ],
+            hidden=[io.Hidden.unique_id],  # the loss messages name the node
         )
 
     @classmethod
@@ -95,7 +98,8 @@ class NTINullTextOptimize(io.ComfyNode):
                     uncond, _ = m.run(Job(den, traj, null.clone().to(den.device), options,
                                           precision=den.precision,
                                           progress=progress_bar(traj.num_steps),
-                                          check=check_interrupt))  # Cancel: every iteration
+                                          check=check_interrupt,  # Cancel: every iteration
+                                          on_step=loss_messages(cls.hidden.unique_id)))
             finally:
                 finish_optimisation()
             uncond = dataclasses.replace(uncond, precision=den.describe())
@@ -105,4 +109,4 @@ class NTINullTextOptimize(io.ComfyNode):
         log.info("[NTI] %s", report.splitlines()[0] + (f"; {report.splitlines()[1]}"
                                                        if len(report.splitlines()) > 1 else ""))
         return io.NodeOutput(uncond_to(uncond, intermediate()), report,
-                             ui=ui.PreviewText(report))
+                             ui=loss_ui(report, uncond.first_loss, uncond.final_loss))

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..nti_core.attention.maps import AttentionMaps
 from ..nti_core.family import for_embedding
-from ..nti_core.hosts.comfy import model_compute_dtype
+from ..nti_core.hosts.comfy import ComfyDenoiser, model_compute_dtype
 from ..nti_core.null_text import check_trajectory_model
 from ..nti_core.precision import sampling_dtype
 from ..nti_core.sampling import p2p_sample
@@ -52,6 +52,59 @@ def check_inputs(traj: Trajectory, uncond: UncondEmbeddings, plan: types.EditPla
         )
 
 
+# The inputs P2P Sample and P2P Sweep share, in the order their schemas list them.
+
+
+def inversion_inputs(plan_tooltip: str) -> list:
+    """model, trajectory, uncond and plan."""
+    return [
+        io.Model.Input("model", tooltip="The MODEL the image was inverted with."),
+        types.Trajectory.Input("trajectory", tooltip="The pivot from DDIM Invert (NTI) or Load "
+                               "Inversion (NTI)."),
+        types.Uncond.Input("uncond", tooltip="Per-step ∅ from Null-Text Optimize (NTI) or Load "
+                           "Inversion (NTI), made on this trajectory."),
+        types.EditPlanType.Input("plan", tooltip=plan_tooltip),
+    ]
+
+
+def guidance_input() -> io.Float.Input:
+    return io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
+                          tooltip="Classifier-free guidance; use the value ∅ was optimised for, "
+                          "or the reconstruction drifts.")
+
+
+def style_and_mask_inputs() -> list:
+    """StyleDiffusion's values and τ_v, and the MASK that confines the change (all optional)."""
+    return [
+        types.Values.Input("values", optional=True,
+                           tooltip="StyleDiffusion's value embeddings (StyleDiffusion Invert or "
+                           "Load Inversion), made on this trajectory."),
+        io.Float.Input("value_end", default=0.5, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip="StyleDiffusion τ_v: fraction of the first steps where the "
+                       "targets read the learned values; the source row always does (the "
+                       "official code: 0.5)."),
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Your own region (any mask node: painted, SAM, segmentation; 1 = "
+                      "may change) at the image's size: outside it the edits keep the "
+                      "reconstruction, from the plan's blend_start on; with blend words, only "
+                      "where both allow."),
+    ]
+
+
+def sampler(model, trajectory: Trajectory, uncond: UncondEmbeddings, guidance: float,
+            values: ValueEmbeddings | None) -> tuple[ComfyDenoiser, Trajectory]:
+    """The denoiser on a clone of ``model`` in the dtype ∅ was optimised in, and the trajectory
+    on its device; warns when ``guidance`` is not the one ∅ was made for."""
+    if abs(guidance - uncond.guidance) > 1e-6 and not uncond.direct:
+        log.warning("[NTI] sampling at guidance %g with ∅ made for %g (%s): the "
+                    "reconstruction will not match the photo exactly", guidance,
+                    uncond.guidance, uncond.method)
+    den = make_denoiser(model, compute=sampling_dtype(  # the dtype ∅ was optimised in
+        model_compute_dtype(model), uncond, values))
+    check_trajectory_model(trajectory, den)
+    return den, trajectory_to(trajectory, den.device)
+
+
 class NTIP2PSample(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -62,24 +115,10 @@ class NTIP2PSample(io.ComfyNode):
             description="Sample the source and every target prompt together from the inverted "
             "noise with the optimised ∅, injecting the source's attention as the plan says.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL the image was inverted with."),
-                types.Trajectory.Input("trajectory", tooltip="The pivot from DDIM Invert (NTI) "
-                                       "or Load Inversion (NTI)."),
-                types.Uncond.Input("uncond", tooltip="Per-step ∅ from Null-Text Optimize (NTI) "
-                                   "or Load Inversion (NTI), made on this trajectory."),
-                types.EditPlanType.Input("plan", tooltip="The edit from Attention Edit Plan "
-                                         "(NTI); its source prompt must be the inversion's."),
-                io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance; use the value ∅ was optimised "
-                               "for, or the reconstruction drifts."),
-                types.Values.Input("values", optional=True,
-                                   tooltip="StyleDiffusion's value embeddings (StyleDiffusion "
-                                   "Invert or Load Inversion), made on this trajectory."),
-                io.Float.Input("value_end", default=0.5, min=0.0, max=1.0, step=0.01,
-                               optional=True,
-                               tooltip="StyleDiffusion τ_v: fraction of the first steps where "
-                               "the targets read the learned values; the source row always "
-                               "does (the official code: 0.5)."),
+                *inversion_inputs("The edit from Attention Edit Plan (NTI); its source prompt "
+                                  "must be the inversion's."),
+                guidance_input(),
+                *style_and_mask_inputs(),
             ],
             outputs=[
                 io.Latent.Output("latents", display_name="latents",
@@ -96,20 +135,13 @@ class NTIP2PSample(io.ComfyNode):
     @classmethod
     def execute(cls, model, trajectory: Trajectory, uncond: UncondEmbeddings,
                 plan: types.EditPlan, guidance: float, values: ValueEmbeddings | None = None,
-                value_end: float = 0.5) -> io.NodeOutput:
+                value_end: float = 0.5, mask: torch.Tensor | None = None) -> io.NodeOutput:
         check_inputs(trajectory, uncond, plan)  # values and τ_v: p2p_sample checks them first
         maps_wanted = output_used(cls.hidden.prompt, cls.hidden.unique_id, 1)
         controller = plan.spec.build(family_tokenizer(for_embedding(trajectory.embedding)), trajectory.num_steps,  # the real N now
                                      keep_step_maps=maps_wanted,  # else only what edits read
-                                     latent_hw=tuple(trajectory.latents.shape[-2:]))
-        if abs(guidance - uncond.guidance) > 1e-6 and not uncond.direct:
-            log.warning("[NTI] sampling at guidance %g with ∅ made for %g (%s): the "
-                        "reconstruction will not match the photo exactly", guidance,
-                        uncond.guidance, uncond.method)
-        den = make_denoiser(model, compute=sampling_dtype(  # the dtype ∅ was optimised in
-            model_compute_dtype(model), uncond, values))
-        check_trajectory_model(trajectory, den)
-        traj = trajectory_to(trajectory, den.device)
+                                     latent_hw=tuple(trajectory.latents.shape[-2:]), mask=mask)
+        den, traj = sampler(model, trajectory, uncond, guidance, values)
         contexts = torch.cat([traj.embedding, plan.targets.to(traj.embedding)])
         start = time.perf_counter()
         z = p2p_sample(den, traj, uncond_to(uncond, den.device), contexts, guidance=guidance,

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..nti_core.hosts.comfy import autograd, check_interrupt
 from ..nti_core.methods import Job, check_request, offered_by
@@ -21,6 +21,8 @@ from .common import (
     encode_empty,
     finish_optimisation,
     intermediate,
+    loss_messages,
+    loss_ui,
     make_denoiser,
     normal_copy,
     precision_input,
@@ -99,6 +101,7 @@ class NTIStyleInvert(io.ComfyNode):
                 io.String.Output("report", display_name="report",
                                  tooltip="Per-step iterations and losses (first → last)."),
             ],
+            hidden=[io.Hidden.unique_id],  # the loss messages name the node
         )
 
     @classmethod
@@ -121,7 +124,7 @@ class NTIStyleInvert(io.ComfyNode):
                     den, traj, null.clone().to(den.device), style=options,
                     image_tokens=tokens.clone().to(den.device), encoder=encoder,
                     precision=den.precision, progress=progress_bar(traj.num_steps),
-                    check=check_interrupt))
+                    check=check_interrupt, on_step=loss_messages(cls.hidden.unique_id)))
         finally:
             finish_optimisation()
         assert values is not None
@@ -132,4 +135,5 @@ class NTIStyleInvert(io.ComfyNode):
         uncond = uncond_to(uncond, intermediate())
         report = values.report()
         log.info("[NTI] %s", "; ".join(report.splitlines()[:2]))
-        return io.NodeOutput(values, uncond, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(values, uncond, report,
+                             ui=loss_ui(report, values.first_loss, values.final_loss))

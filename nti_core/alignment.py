@@ -8,6 +8,7 @@ piece of the prompt; users name words case-insensitively and without surrounding
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -220,6 +221,9 @@ def parse_word_values(spec: WordValues) -> list[tuple[str, float]]:
         else:
             word, value = item
             out.append((str(word), float(value)))
+    for word, value in out:
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number for {word!r}, got {value}")
     return out
 
 

@@ -19,10 +19,11 @@ from .memory import checkpointing_needed
 from .methods import DEFAULT, Job, check_request
 from .null_text import NullTextOptions
 from .precision import Precision, resolve, sampling_dtype
-from .progress import Progress, no_progress
+from .progress import Progress, StepLoss, no_progress, no_step_loss
 from .sampling import p2p_sample
 from .schedule import GridKind, make_grid
 from .style import StyleOptions
+from .sweep import Sweep, sample_sweep
 from .trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from .validate import check_prompt
 
@@ -63,8 +64,10 @@ def optimise(
     precision: str = "auto",
     checkpointing: bool | None = None,
     progress: Progress = no_progress,
+    on_step: StepLoss = no_step_loss,
 ) -> Inversion:
-    """∅ (and StyleDiffusion's values) by ``method`` on an inverted trajectory.
+    """∅ (and StyleDiffusion's values) by ``method`` on an inverted trajectory; ``on_step`` gets
+    each optimised step's first and final loss as it ends.
 
     ``precision`` (auto / fp32 / model, ``nti_core.precision``) sets what the optimising
     methods' UNet passes compute in; ``checkpointing`` (None: when the estimated activations
@@ -78,7 +81,7 @@ def optimise(
             model.family.key, tuple(traj.latents.shape[-2:]), prec.compute, model.device,
             extra=cast)
     job = Job(model.denoiser, traj, model.encode_prompt(""), options, style, image_tokens,
-              encoder, direct, prec if m.optimises else None, progress)
+              encoder, direct, prec if m.optimises else None, progress, on_step=on_step)
     session = (model.denoiser.optimising(prec, checkpointing) if m.optimises
                else contextlib.nullcontext())
     start = time.perf_counter()
@@ -104,6 +107,7 @@ def invert(
     precision: str = "auto",
     checkpointing: bool | None = None,
     progress: Progress = no_progress,
+    on_step: StepLoss = no_step_loss,
 ) -> Inversion:
     """DDIM inversion of z0 under ``source``, then ∅ by ``method`` (``nti_core.methods``: the
     paper's ``null-text`` with ``options``, ``null-text-fast``, ``direct``, ``negative-prompt``,
@@ -118,20 +122,22 @@ def invert(
     took = time.perf_counter() - start
     inv = optimise(model, traj, method, options=options, style=style, image_tokens=image_tokens,
                    encoder=encoder, direct=direct, precision=precision,
-                   checkpointing=checkpointing, progress=progress)
+                   checkpointing=checkpointing, progress=progress, on_step=on_step)
     inv.timings = {"ddim_inversion": took, **inv.timings}
     return inv
 
 
 def build_controller(model: Model, spec: P2PSpec, num_steps: int,
                      keep_step_maps: bool = False,
-                     latent_hw: tuple[int, int] | None = None) -> P2PController:
+                     latent_hw: tuple[int, int] | None = None,
+                     mask: Tensor | None = None) -> P2PController:
     """The P2P controller for ``spec`` with the model's own tokenizer (all checks happen here);
-    ``keep_step_maps`` for the attention-map view, ``latent_hw`` so LocalBlend stores one size."""
+    ``keep_step_maps`` for the attention-map view, ``latent_hw`` so LocalBlend stores one size;
+    ``mask`` the user's region (1 = may change, ``attention.edits.region_mask``)."""
     check_prompt(spec.source, "source prompt")
     for t in spec.targets:
         check_prompt(t, "target prompt")
-    return spec.build(model.plan_tokenizer(), num_steps, keep_step_maps, latent_hw)
+    return spec.build(model.plan_tokenizer(), num_steps, keep_step_maps, latent_hw, mask)
 
 
 def edit(
@@ -142,12 +148,14 @@ def edit(
     controller: P2PController | None = None,
     guidance: float | None = None,
     value_end: float = 0.5,
+    mask: Tensor | None = None,
     progress: Progress = no_progress,
 ) -> Tensor:
     """Latents [1 + K, 4, h, w]: the reconstruction, then one edit per target prompt
-    (with StyleDiffusion's values: targets read them while step < ``value_end``·N); without
-    ``spec``, the reconstruction alone. The UNet samples in the dtype the ∅ (and values) were
-    optimised in (``precision.sampling_dtype``)."""
+    (with StyleDiffusion's values: targets read them while step < ``value_end``·N; with
+    ``mask``, changed only where it allows, unless ``controller`` is given); without ``spec``,
+    the reconstruction alone. The UNet samples in the dtype the ∅ (and values) were optimised
+    in (``precision.sampling_dtype``)."""
     traj = inv.trajectory
     contexts = traj.embedding
     if spec is not None:
@@ -155,10 +163,37 @@ def edit(
             raise ValueError(f"the edit's source prompt {spec.source!r} is not the inversion's "
                              f"{traj.prompt!r}")
         controller = controller or build_controller(model, spec, traj.num_steps,
-                                                    latent_hw=tuple(traj.latents.shape[-2:]))
+                                                    latent_hw=tuple(traj.latents.shape[-2:]),
+                                                    mask=mask)
         contexts = torch.cat([traj.embedding] + [model.encode_prompt(t) for t in spec.targets])
     dtype = sampling_dtype(model.denoiser.dtype, inv.uncond, inv.values)
     with model.denoiser.computing(dtype):  # in the dtype the ∅ were optimised in
         return p2p_sample(model.denoiser, traj, inv.uncond, contexts, guidance=guidance,
                           controller=controller, values=inv.values, value_end=value_end,
                           progress=progress)
+
+
+def sweep(
+    model: Model,
+    inv: Inversion,
+    cells: Sweep,
+    *,
+    guidance: float | None = None,
+    value_end: float = 0.5,
+    mask: Tensor | None = None,
+    progress: Progress = no_progress,
+) -> Tensor:
+    """Latents [R·C, 4, h, w]: the edit of the first target prompt under each cell's plan
+    (``nti_core.sweep``), one P2P sampling per cell from this inversion, in the dtype its ∅
+    were optimised in."""
+    traj = inv.trajectory
+    first = cells.plans[0]
+    if first.source != traj.prompt:
+        raise ValueError(f"the sweep's source prompt {first.source!r} is not the inversion's "
+                         f"{traj.prompt!r}")
+    contexts = torch.cat([traj.embedding, model.encode_prompt(first.targets[0])])
+    dtype = sampling_dtype(model.denoiser.dtype, inv.uncond, inv.values)
+    with model.denoiser.computing(dtype):
+        return sample_sweep(model.denoiser, traj, inv.uncond, contexts, cells,
+                            model.plan_tokenizer(), guidance=guidance, values=inv.values,
+                            value_end=value_end, mask=mask, progress=progress)

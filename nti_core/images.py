@@ -40,6 +40,36 @@ def from_array(rgb: np.ndarray, size: int) -> Tensor:
     return x.permute(2, 0, 1)[None]
 
 
+def load_mask(path: str | Path, photo: str | Path, size: int = 512) -> Tensor:
+    """A mask image drawn on ``photo`` (its size; white = may change, brightness × opacity)
+    → [1, size, size] in 0…1, centre-cropped and resized (area-averaged) as ``load_image``
+    crops the photo."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no mask image at {p}")
+    try:
+        img = Image.open(p)
+        img.load()
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{p} is not an image PIL can read") from e
+    with Image.open(photo) as ph:
+        if img.size != ph.size:
+            raise ValueError(f"the mask {p.name} is {img.size[0]}×{img.size[1]} pixels but the "
+                             f"photo is {ph.size[0]}×{ph.size[1]}: draw the mask on the photo's "
+                             "own pixels")
+    m = np.asarray(img.convert("L"), dtype=np.float32) / 255
+    if "A" in img.getbands():
+        m = m * np.asarray(img.getchannel("A"), dtype=np.float32) / 255
+    h, w = m.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = torch.from_numpy(m[top : top + s, left : left + s].copy())[None, None]
+    mode = "area" if s >= size else "bilinear"
+    return torch.nn.functional.interpolate(crop, size=(size, size), mode=mode)[0].clamp(0, 1)
+
+
 def to_uint8(x: Tensor) -> np.ndarray:
     """[B, 3, H, W] in [−1, 1] → uint8 [B, H, W, 3]."""
     y = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -110,6 +140,79 @@ def contact_sheet(tiles: list[tuple[Tensor, str]], path: str | Path, columns: in
     p.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(p)
     return p
+
+
+def labelled_grid(tiles: Tensor, rows: list[str], columns: list[str], title: str = "",
+                  tile: int = 256, font=None) -> np.ndarray:
+    """Images [R·C, 3, H, W] in [−1, 1], row-major, as one grid: each column's label above it,
+    each row's label left of it (empty labels take no room), an optional title on top, in
+    ``font`` (PIL's default at tile/16 when None) → RGB uint8 [·, ·, 3]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if tiles.shape[0] != len(rows) * len(columns):
+        raise ValueError(f"{tiles.shape[0]} images for {len(rows)} rows × {len(columns)} columns")
+    font = font or ImageFont.load_default(size=max(11, tile // 16))
+    line, pad = int(font.size * 1.3), 8
+    side = [wrap_text(r, font, tile * 0.6) for r in rows] if any(rows) else []
+    left = int(max(font.getlength(s) for r in side for s in r)) + 2 * pad if side else pad
+    heads = [wrap_text(c, font, tile) if c else [] for c in columns]
+    width = left + len(columns) * (tile + pad)
+    heading = wrap_text(title, font, width - 2 * pad) if title else []
+    top = pad + len(heading) * line + max(map(len, heads)) * line + pad
+    sheet = Image.new("RGB", (width, top + len(rows) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, text in enumerate(heading):
+        draw.text((pad, pad + k * line), text, fill="black", font=font)
+    for c, lines in enumerate(heads):
+        for k, text in enumerate(lines):
+            draw.text((left + c * (tile + pad), top - pad - (len(lines) - k) * line), text,
+                      fill="black", font=font)
+    for r, lines in enumerate(side):
+        for k, text in enumerate(lines):
+            draw.text((pad, top + r * (tile + pad) + (tile - len(lines) * line) // 2 + k * line),
+                      text, fill="black", font=font)
+    for n, img in enumerate(to_uint8(tiles)):
+        r, c = divmod(n, len(columns))
+        sheet.paste(Image.fromarray(img).resize((tile, tile), Image.LANCZOS),
+                    (left + c * (tile + pad), top + r * (tile + pad)))
+    return np.array(sheet)
+
+
+def loss_plot(first: list[float], final: list[float], title: str = "",
+              size: tuple[int, int] = (480, 200)) -> np.ndarray:
+    """Each optimised step's first (light) and final (dark) loss on a log axis, as the nodes'
+    loss curve draws them → RGB uint8 [H, W, 3]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not first or len(first) != len(final):
+        raise ValueError(f"expected as many first as final losses (one per step, at least one), "
+                         f"got {len(first)} and {len(final)}")
+    values = np.log10(np.clip(np.array([*first, *final], dtype=np.float64), 1e-12, None))
+    lo, hi = np.floor(values.min()), np.ceil(values.max())
+    hi = hi if hi > lo else lo + 1
+    font = ImageFont.load_default(size=12)
+    width, height = size
+    left, right, top, bottom = 48, 12, 24, 24
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 4), title or f"loss per step (log): first light, final dark, {len(first)} "
+              "steps", fill="black", font=font)
+    draw.rectangle((left, top, width - right, height - bottom), outline=(160, 160, 160))
+    draw.text((4, top - 6), f"1e{hi:.0f}", fill="black", font=font)
+    draw.text((4, height - bottom - 8), f"1e{lo:.0f}", fill="black", font=font)
+    draw.text((left, height - bottom + 4), "1", fill="black", font=font)
+    draw.text((width - right - 24, height - bottom + 4), str(len(first)), fill="black", font=font)
+
+    def points(losses: list[float]) -> list[tuple[float, float]]:
+        n = max(len(losses) - 1, 1)
+        y = np.log10(np.clip(np.array(losses, dtype=np.float64), 1e-12, None))
+        return [(left + (width - left - right) * i / n,
+                 top + (height - top - bottom) * (hi - v) / (hi - lo)) for i, v in enumerate(y)]
+
+    for losses, colour in ((first, (150, 190, 240)), (final, (20, 60, 160))):
+        xy = points(losses)
+        draw.line(xy, fill=colour, width=2) if len(xy) > 1 else draw.point(xy, fill=colour)
+    return np.array(img)
 
 
 # Anchors of a perceptual dark-blue → yellow colour map (close to matplotlib's "viridis").

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .progress import Progress, no_progress
+from .progress import Progress, StepLoss, no_progress, no_step_loss
 
 if TYPE_CHECKING:  # the functions are imported when they run: null_text and trajectory read
     from torch import Tensor  # the names below
@@ -44,6 +44,7 @@ class Job:
     precision: Precision | None = None
     progress: Progress = no_progress
     check: Callable[[], None] = lambda: None  # runs before every iteration; raises to cancel
+    on_step: StepLoss = no_step_loss  # each step's first and final loss (optimising methods)
 
 
     @property
@@ -92,7 +93,8 @@ def _null_text(fast: bool) -> Callable[[Job], Result]:
 
         return null_text_optimize(job.denoiser, job.trajectory, job.null,
                                   replace(job.null_text, fast=fast), progress=job.progress,
-                                  check=job.check, precision=job.precision), None
+                                  check=job.check, precision=job.precision,
+                                  on_step=job.on_step), None
     return run
 
 
@@ -117,7 +119,7 @@ def _styled(job: Job) -> Result:
     null = direct_inversion if job.direct else plain_null
     values = style_invert(job.denoiser, job.trajectory, job.image_tokens, job.null, job.styled,
                           encoder=job.encoder, progress=job.progress, check=job.check,
-                          precision=job.precision)
+                          precision=job.precision, on_step=job.on_step)
     return null(job.trajectory, job.null, job.styled.guidance), values
 
 

@@ -22,7 +22,7 @@ from .denoiser import Denoiser, Rows, compute_dtype, same_model
 from .finite import check_finite
 from .methods import DIRECT, NEGATIVE_PROMPT, NULL_TEXT, NULL_TEXT_FAST
 from .precision import LossScaler, Precision, dtype_key
-from .progress import Progress, no_progress
+from .progress import Progress, StepLoss, no_progress, no_step_loss
 from .schedule import sample_step
 from .trajectory import Trajectory, UncondEmbeddings, stack
 from .validate import check_context
@@ -177,12 +177,14 @@ def null_text_optimize(
     progress: Progress = no_progress,
     check: Callable[[], None] = lambda: None,
     precision: Precision | None = None,
+    on_step: StepLoss = no_step_loss,
 ) -> UncondEmbeddings:
     """Per-step ∅_i [N, L, D] that make CFG sampling at guidance w retrace the pivot.
 
     At step i: ε_c = ε(z̄, t_i, C) once; K times: ε = ε_∅ + w(ε_c − ε_∅), z̃ = DDIM(z̄, ε),
     loss = MSE(z̃, z*_{N−1−i}), Adam on ∅ (fresh, lr_i); then z̄ ← DDIM with ∅_i. ``progress`` is
-    told once per step; ``check`` runs before every inner iteration and may raise to cancel.
+    told once per step; ``check`` runs before every inner iteration and may raise to cancel;
+    ``on_step`` gets each step's first and final loss as soon as its iterations end.
 
     With ``options.attention_weight`` λ > 0 the loss adds λ·Σ_layers MSE(A_∅, A*_i): the
     unconditional pass's per-head cross-attention at a quarter of the latent side against the
@@ -242,6 +244,7 @@ def null_text_optimize(
         first.append(fit.first)
         final.append(fit.final)
         iters.append(fit.iterations)
+        on_step(i, n, fit.first, fit.final)
         if fit.attention is not None:
             map_err.append(fit.attention)
         uncond = uncond.detach()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from .alignment import parse_word_values
 from .attention.plan import SELF_LIMITS, P2PSpec, build_p2p
+from .attention.schedules import DEFAULT_KEY, fraction_bounds
 from .tokenizer import TokenizerSpec
 from .validate import check_prompt
 
@@ -82,6 +83,7 @@ FIELDS: tuple[Field, ...] = (
           "Prompt-to-Prompt).", alone=True),
 )
 BY_NAME = {f.name: f for f in FIELDS}
+PER_WORD = ("cross_words", "reweight")  # the "words" fields written 'word:number, …'
 DEFAULTS = {f.name: f.default for f in FIELDS}
 CHECKED_TOGETHER = tuple(f.name for f in FIELDS if not f.alone)
 
@@ -158,6 +160,41 @@ def plan_from_fields(values: Mapping[str, Any]) -> P2PSpec:
         self_limit=SELF_LIMITS[BY_NAME["self_limit"].options.index(self_limit)],
         uncond_self=_fraction("uncond_self_end", v["uncond_self_end"]),
     )
+
+
+def fields_of(spec: P2PSpec) -> dict[str, Any]:
+    """The field values that make ``spec``: ``plan_from_fields(fields_of(s)) == s`` for a plan
+    made from fields; a spec the fields cannot state (per-prompt words, per-word cross starts,
+    an unconditional injection not from step 0, maps stored before the edit) is refused."""
+    cross = dict(spec.cross) if isinstance(spec.cross, Mapping) else {DEFAULT_KEY: spec.cross}
+    start, end = fraction_bounds(cross.pop(DEFAULT_KEY, (0.0, 1.0)), "cross injection")
+    per_word = {w: fraction_bounds(b, f"cross injection of {w!r}") for w, b in cross.items()}
+    uncond = fraction_bounds(spec.uncond_self, "unconditional self injection")
+    flat = all(isinstance(w, str) for w in (*spec.blend_words, *spec.subtract_words))
+    if (any(s != start for s, _ in per_word.values()) or uncond[0] or not flat
+            or not spec.store_edited):
+        raise ValueError(f"this plan cannot be written as edit-plan fields: {spec}")
+    reweight = spec.reweight or ""
+    if not isinstance(reweight, str):
+        reweight = ", ".join(f"{w}:{v}" for w, v in parse_word_values(reweight))
+    self_start, self_end = fraction_bounds(spec.self_steps, "self injection")
+    return {
+        "source_prompt": spec.source,
+        "target_prompts": "\n".join(spec.targets),
+        "edit_kind": spec.mode,
+        "cross_start": start,
+        "cross_end": end,
+        "cross_words": ", ".join(f"{w}:{e}" for w, (_, e) in per_word.items()),
+        "self_start": self_start,
+        "self_end": self_end,
+        "reweight": reweight,
+        "blend_words": " ".join(spec.blend_words),  # type: ignore[arg-type]
+        "subtract_words": " ".join(spec.subtract_words),  # type: ignore[arg-type]
+        "blend_threshold": spec.blend_threshold,
+        "blend_start": spec.blend_start,
+        "self_limit": BY_NAME["self_limit"].options[SELF_LIMITS.index(spec.self_limit)],
+        "uncond_self_end": uncond[1],
+    }
 
 
 def check_words(spec: P2PSpec, tokenizer: TokenizerSpec, num_steps: int = CHECK_STEPS) -> None:

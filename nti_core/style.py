@@ -52,7 +52,7 @@ from .null_text import (
     loss_scaler,
 )
 from .precision import Precision, dtype_key
-from .progress import Progress, no_progress
+from .progress import Progress, StepLoss, no_progress, no_step_loss
 from .schedule import sample_step
 from .trajectory import Trajectory, ValueEmbeddings, pivot_fingerprint
 from .validate import check_context
@@ -138,11 +138,13 @@ def style_invert(
     progress: Progress = no_progress,
     check: Callable[[], None] = lambda: None,
     precision: Precision | None = None,
+    on_step: StepLoss = no_step_loss,
 ) -> ValueEmbeddings:
     """Per-step value embeddings that make CFG sampling at guidance w retrace the pivot.
 
     image_tokens [1, n, W] = E(x) (frozen); null_embedding [1, L, D] = the embedding of "".
-    ``progress`` is told once per step; ``check`` runs before every iteration (Cancel).
+    ``progress`` is told once per step; ``check`` runs before every iteration (Cancel);
+    ``on_step`` gets each step's first and final loss as soon as its iterations end.
     ``precision`` as in ``null_text_optimize``: the mapping network, Adam and the loss are fp32,
     the UNet passes compute in ``precision.compute``.
     """
@@ -198,6 +200,7 @@ def style_invert(
         first.append(fit.first)
         final.append(fit.final)
         iters.append(fit.iterations)
+        on_step(i, n, fit.first, fit.final)
         if fit.attention is not None:
             map_err.append(fit.attention)
         with torch.no_grad():  # ε_∅ of this step is the one above (same z̄, t, ""): reused

@@ -107,5 +107,8 @@ def test_equalizer(tok: tk.TokenizerSpec) -> None:
         al.equalizer(tok, CAT, "cat")
     with pytest.raises(ValueError, match="expected a number"):
         al.equalizer(tok, CAT, "cat:big")
+    for text in ("cat:nan", "cat:inf", "cat:-inf"):  # float() reads them; a weight cannot be
+        with pytest.raises(ValueError, match="expected a finite number for 'cat'"):
+            al.equalizer(tok, CAT, text)
     with pytest.raises(ValueError, match="'tiger' is not a word"):
         al.equalizer(tok, CAT, "tiger:2")

@@ -29,6 +29,7 @@ from nti_core import (
     p2p_sample,
     plain_null,
 )
+from nti_core.editing import optimise
 from nti_core.images import psnr
 from nti_core.null_text import check_trajectory_model
 from nti_core.schedule import scaled_linear_alphas_cumprod
@@ -218,3 +219,23 @@ def test_bad_inputs_fail_early():
         m.encode_image(torch.zeros(1, 3, 60, 64))
     with pytest.raises(ValueError, match="RGB"):
         m.encode_image(torch.zeros(1, 4, 64, 64))
+
+
+@pytest.mark.parametrize("method", ["null-text", "null-text-fast", "direct", "negative-prompt"])
+def test_each_steps_losses_reach_on_step_as_they_are_recorded(small_inversion, method):
+    """The pipeline's ``on_step`` (what the ComfyUI nodes send as the loss curve) gets every
+    step's first and final loss once, in order, during the run (before that step's progress
+    tick), equal to what the result records; methods without an optimisation tell nothing."""
+    m, traj, _, _ = small_inversion
+    events: list = []
+    u = optimise(m, traj, method, options=NullTextOptions(inner_steps=3),
+                 progress=lambda done=1: events.append("tick"),
+                 on_step=lambda *told: events.append(told)).uncond
+    if method in ("direct", "negative-prompt"):
+        assert events == [] and u.first_loss == u.final_loss == []
+        return
+    n = traj.num_steps
+    assert len(u.first_loss) == len(u.final_loss) == n == 8
+    assert events == [e for i in range(n) for e in ((i, n, u.first_loss[i], u.final_loss[i]), "tick")]
+    assert all(type(x) is float for x in u.first_loss + u.final_loss)
+    assert any(a != b for a, b in zip(u.first_loss, u.final_loss, strict=True))  # not one list twice

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import comfy_support
@@ -53,8 +54,14 @@ EXPECTED = {  # node id → (display name, [(input, type)], [(output, type)])
     "NTIP2PSample": ("P2P Sample (NTI)", [
         ("model", "MODEL"), ("trajectory", "NTI_TRAJECTORY"), ("uncond", "NTI_UNCOND"),
         ("plan", "NTI_EDIT_PLAN"), ("guidance", "FLOAT"), ("values", "NTI_VALUES"),
-        ("value_end", "FLOAT")],
+        ("value_end", "FLOAT"), ("mask", "MASK")],
         [("latents", "LATENT"), ("attention", "NTI_ATTENTION")]),
+    "NTIP2PSweep": ("P2P Sweep (NTI)", [
+        ("model", "MODEL"), ("trajectory", "NTI_TRAJECTORY"), ("uncond", "NTI_UNCOND"),
+        ("plan", "NTI_EDIT_PLAN"), ("vae", "VAE"), ("guidance", "FLOAT"), ("rows", "STRING"),
+        ("columns", "STRING"), ("values", "NTI_VALUES"), ("value_end", "FLOAT"),
+        ("mask", "MASK")],
+        [("grid", "IMAGE"), ("latents", "LATENT")]),
     "NTISaveInversion": ("Save Inversion (NTI)", [
         ("trajectory", "NTI_TRAJECTORY"), ("uncond", "NTI_UNCOND"), ("filename_prefix", "STRING"),
         ("values", "NTI_VALUES")],
@@ -102,12 +109,14 @@ def sub(name: str) -> ModuleType:
     return importlib.import_module(f"{PACK}.{name}")
 
 
-def run(node: type, **inputs: Any) -> Any:
-    """Execute a node as ComfyUI's executor does: locked class clone, inference mode."""
+def run(node: type, hidden: dict[str, Any] | None = None, **inputs: Any) -> Any:
+    """Execute a node as ComfyUI's executor does: locked class clone with the ``hidden`` inputs
+    (e.g. {"UNIQUE_ID": "12"}), inference mode."""
     from comfy_api.internal import make_locked_method_func
 
     node.GET_SCHEMA()
-    call = make_locked_method_func(node, "EXECUTE_NORMALIZED", node.PREPARE_CLASS_CLONE({}))
+    clone = node.PREPARE_CLASS_CLONE(hidden or {})
+    call = make_locked_method_func(node, "EXECUTE_NORMALIZED", clone)
     with torch.inference_mode():
         return call(**inputs)
 
@@ -188,7 +197,7 @@ def test_root_imports_without_comfyui() -> None:
     subprocess.run([sys.executable, "-c", code], cwd="/", check=True)
 
 
-def test_entrypoint_registers_the_eight_nodes(pack: ModuleType) -> None:
+def test_entrypoint_registers_every_node(pack: ModuleType) -> None:
     from comfy_api.latest import ComfyExtension
 
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # it would win over the entrypoint
@@ -270,7 +279,7 @@ def test_chain_outputs(chain: dict[str, Any], comfy_sd15: Any) -> None:
     torch.testing.assert_close(traj.latents[:1], z0, atol=1e-6, rtol=0)
     assert uncond.embeddings.shape == (STEPS, 77, 768) and uncond.method == "null-text"
     assert chain["report"].startswith("method: null-text, guidance 7.5, 4 steps")
-    assert chain["ui"].as_dict()["text"] == (chain["report"],)
+    assert chain["ui"]["text"] == (chain["report"],)
     assert chain["plan"].num_targets == 2 and chain["plan"].targets.shape == (2, 77, 768)
     samples = latents["samples"]
     assert samples.shape == (3, 4, H, W) and torch.isfinite(samples).all()
@@ -731,6 +740,132 @@ def test_style_diffusion_through_the_nodes(N: Any, quarter_sd15: Any, quarter: d
 
     with pytest.raises(ValueError, match="needs a CLIP or SigLIP vision encoder"):
         run(N["NTIStyleInvert"], trajectory=traj, **{**style, "clip_vision": NotClip()})
+
+
+# ============================================================== the loss curve
+
+
+class LossSpy:
+    """ComfyUI's PromptServer.instance as the loss messages use it: the id of the client that
+    queued the prompt, and send_sync (recorded)."""
+
+    def __init__(self, client_id: str | None = "client-7") -> None:
+        self.client_id = client_id
+        self.sent: list[tuple[str, dict[str, Any], Any]] = []
+
+    def send_sync(self, event: str, data: dict[str, Any], sid: Any = None) -> None:
+        self.sent.append((event, data, sid))
+
+
+@pytest.fixture()
+def loss_spy(monkeypatch: pytest.MonkeyPatch) -> LossSpy:
+    """A running server as ``main.py`` leaves it: module ``server`` with PromptServer.instance."""
+    spy = LossSpy()
+    monkeypatch.setitem(sys.modules, "server",
+                        SimpleNamespace(PromptServer=SimpleNamespace(instance=spy)))
+    return spy
+
+
+def executor_hidden(node: type, unique_id: str) -> dict[str, Any]:
+    """The hidden inputs ComfyUI's executor hands ``node`` (those its schema asks for)."""
+    import execution
+
+    return execution.get_input_data({}, node, unique_id)[2]
+
+
+def assert_loss_curve(spy: LossSpy, ui: dict[str, Any], result: Any, report: str) -> None:
+    """One message per step to the queuing client, in order, with the node's id and the losses
+    the result records; the UI output carries the report and the whole curve, as JSON."""
+    first, final = result.first_loss, result.final_loss
+    assert len(first) == len(final) == STEPS and first != final
+    assert spy.sent == [("nti_photo_edit.loss", {"node": "12", "step": i, "total": STEPS,
+                                                  "first": first[i], "final": final[i]},
+                         "client-7") for i in range(STEPS)]
+    assert ui == {"text": (report,), "nti_loss": [{"first": first, "final": final}]}
+    json.dumps([ui, spy.sent], allow_nan=False)  # what the websocket and /history carry
+
+
+@pytest.mark.parametrize("method", ["null-text", "null-text-fast", "direct"])
+def test_null_text_sends_its_loss_curve(N: Any, comfy_sd15: Any, chain: dict[str, Any],
+                                        loss_spy: LossSpy, method: str) -> None:
+    model, clip, _ = comfy_sd15
+    node = N["NTINullTextOptimize"]
+    out = run(node, hidden=executor_hidden(node, "12"), model=model, clip=clip,
+              trajectory=chain["traj"], guidance=7.5, inner_steps=3, early_stop=1e-5,
+              method=method)
+    uncond, report = out.args
+    if method == "direct":  # no optimisation, no loss: nothing sent, the report alone
+        assert loss_spy.sent == [] and out.ui == {"text": (report,)}
+    else:
+        assert_loss_curve(loss_spy, out.ui, uncond, report)
+
+
+def test_style_invert_sends_its_loss_curve(N: Any, quarter_sd15: Any, quarter: dict[str, Any],
+                                           clip_vision: Any, loss_spy: LossSpy) -> None:
+    model, clip, _ = quarter_sd15
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    node = N["NTIStyleInvert"]
+    out = run(node, hidden=executor_hidden(node, "12"), model=model, clip=clip,
+              clip_vision=clip_vision, image=photo, trajectory=quarter["mapped"], guidance=7.5,
+              inner_steps=2, attention_loss=1.0, variant="official")
+    values, _, report = out.args
+    assert_loss_curve(loss_spy, out.ui, values, report)
+
+
+def test_loss_messages_need_a_server_and_a_client(pack: ModuleType,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    common = sub("nodes.common")
+    no_step_loss = sub("nti_core.progress").no_step_loss
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    assert common.loss_messages("12") is no_step_loss  # in-process, as these tests run
+    spy = LossSpy(client_id=None)  # a prompt queued without a client id
+    monkeypatch.setitem(sys.modules, "server",
+                        SimpleNamespace(PromptServer=SimpleNamespace(instance=spy)))
+    assert common.loss_messages(None) is no_step_loss
+    common.loss_messages("12")(0, 4, 1.0, 0.5)
+    assert spy.sent == []
+
+
+def test_loss_curve_leaves_the_cache_key_alone(N: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hidden unique_id the messages name is no cache input: two copies of the node with the
+    same inputs share one cache key (ComfyUI 0.3.64 adds the node's id only for a V1 hidden
+    "UNIQUE_ID"), and UI outputs are never part of a key."""
+    from comfy_execution import caching
+    from comfy_execution.graph import DynamicPrompt
+    from execution import IsChangedCache
+
+    import nodes
+
+    class TaggedV1:  # a V1 node that asks for UNIQUE_ID: its copies get keys of their own
+        @classmethod
+        def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
+            return {"required": {"x": ("INT", {})}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    for node_id in ("NTINullTextOptimize", "NTIStyleInvert"):
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, node_id, N[node_id])
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "NTITestTagged", TaggedV1)
+    monkeypatch.setattr(caching, "NODE_CLASS_CONTAINS_UNIQUE_ID", {})
+    loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}}
+    copies = {
+        "NTINullTextOptimize": {"model": ["1", 0], "clip": ["1", 1], "trajectory": ["1", 2],
+                                "guidance": 7.5, "inner_steps": 10, "early_stop": 1e-5,
+                                "method": "null-text", "attention_loss": 0.0,
+                                "precision": "auto"},
+        "NTIStyleInvert": {"model": ["1", 0], "clip": ["1", 1], "clip_vision": ["1", 2],
+                           "image": ["1", 2], "trajectory": ["1", 2], "guidance": 7.5,
+                           "inner_steps": 100, "attention_loss": 1.0, "variant": "official",
+                           "precision": "auto"},
+        "NTITestTagged": {"x": 1},
+    }
+    for class_type, inputs in copies.items():
+        prompt = {"1": loader, "2": {"class_type": class_type, "inputs": inputs},
+                  "3": {"class_type": class_type, "inputs": dict(inputs)}}
+        dynprompt = DynamicPrompt(prompt)
+        keys = caching.CacheKeySetInputSignature(dynprompt, ["2", "3"],
+                                                 IsChangedCache("p", dynprompt, None))
+        asyncio.run(keys.add_keys(["2", "3"]))
+        same = keys.get_data_key("2") == keys.get_data_key("3")
+        assert same == (class_type != "NTITestTagged"), class_type
 
 
 def test_invert_validation(N: Any) -> None:

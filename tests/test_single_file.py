@@ -296,12 +296,13 @@ def test_cli_edit_runs_on_a_single_file_checkpoint(tiny_ckpt: Path, tmp_path: Pa
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert [Path(p).name for p in report["paths"]] == [
-        "reconstruction.png", "edit_1.png", "edit_2.png", "attention_source.png",
+        "reconstruction.png", "edit_1.png", "edit_2.png", "loss.png", "attention_source.png",
         "attention_edit_1.png", "blend_mask_1.png", "attention_edit_2.png", "blend_mask_2.png"]
     assert "null-text" in report["uncond"] and report["timings"]["ddim_inversion"] > 0
     from PIL import Image
 
     assert Image.open(out / "edit_2.png").size == (64, 64)
+    assert Image.open(out / "loss.png").size == (480, 200)  # the default method optimises
 
 
 def test_cli_styled_edit(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -352,7 +353,8 @@ def test_cli_direct_and_fast_methods(tiny_ckpt: Path, tmp_path: Path, method: st
             "--no-attention-maps"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [Path(p).name for p in report["paths"]] == ["reconstruction.png", "edit_1.png"]
+    optimised = ["loss.png"] if method == "null-text-fast" else []  # the loss curve, as nodes draw
+    assert [Path(p).name for p in report["paths"]] == ["reconstruction.png", "edit_1.png", *optimised]
     assert f"method: {method}" in report["uncond"]
     if method == "direct":
         m = load_sd1(tiny_ckpt)

@@ -12,6 +12,7 @@ from core_support import CAT_PROMPT, cat_latent, demo_model, demo_null_text, dem
 
 from nti_core import ddim_invert, make_grid, p2p_sample
 from nti_core.denoiser import Rows
+from nti_core.editing import optimise
 from nti_core.files import load_inversion_all, save_inversion
 from nti_core.images import psnr
 from nti_core.null_text import negative_prompt_inversion, plain_null
@@ -183,3 +184,17 @@ def test_reconstruction_side_by_side(side_by_side):
     for name in ("nti", "nti+attn", "styled"):
         assert r[name][0] < r["ddim"][0] / 5, (name, r)
         assert r[name][1] > r["ddim"][1], (name, r)
+
+
+def test_each_steps_losses_reach_on_step_as_they_are_recorded(tiny_style):
+    """StyleDiffusion through the pipeline: ``on_step`` gets every step's first and final loss
+    once, in order, before that step's progress tick, equal to what the values record."""
+    m, _, traj, tokens = tiny_style
+    events: list = []
+    v = optimise(m, traj, "styled", style=StyleOptions(inner_steps=3), image_tokens=tokens,
+                 progress=lambda done=1: events.append("tick"),
+                 on_step=lambda *told: events.append(told)).values
+    n = traj.num_steps
+    assert len(v.first_loss) == len(v.final_loss) == n == 4
+    assert events == [e for i in range(n) for e in ((i, n, v.first_loss[i], v.final_loss[i]), "tick")]
+    assert any(a != b for a, b in zip(v.first_loss, v.final_loss, strict=True))

@@ -8,9 +8,10 @@ from typing import Any
 
 from ..attention.plan import P2PSpec
 from ..methods import DEFAULT, METHODS, check_request
-from ..plan_spec import FIELDS, plan_from_fields
+from ..plan_spec import FIELDS, PER_WORD, plan_from_fields
 from ..precision import PRECISIONS
 from ..schedule import GRID_KINDS
+from ..sweep import EXAMPLE, SWEEPABLE
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -39,12 +40,22 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f.cli, **kw)
 
 
-def plan_from_args(a: argparse.Namespace) -> P2PSpec:
-    """The checked plan of the parsed options (the targets of repeated --target, one each)."""
+def plan_fields(a: argparse.Namespace) -> dict[str, Any]:
+    """The edit-plan fields' values of the parsed options (repeated --target, one per line)."""
     values = {f.name: getattr(a, f.name) for f in FIELDS}
     lines = next(f.name for f in FIELDS if f.kind == "lines")
     values[lines] = "\n".join(values[lines])
-    return plan_from_fields(values)
+    return values
+
+
+def plan_from_args(a: argparse.Namespace) -> P2PSpec:
+    """The checked plan of the parsed options (the targets of repeated --target, one each)."""
+    return plan_from_fields(plan_fields(a))
+
+
+def sweep_axes(a: argparse.Namespace) -> list[str]:
+    """--sweep's axes as (rows, columns): one alone is the columns of a single row."""
+    return list(a.sweep) if len(a.sweep) != 1 else ["", a.sweep[0]]
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -105,6 +116,16 @@ def parser() -> argparse.ArgumentParser:
                         "StableDiffusionXLPipeline), or a single-file SD 1.x .safetensors")
     e.add_argument("--image", required=True, help="the photo (centre-cropped to a square)")
     add_plan_arguments(e)
+    e.add_argument("--mask", default=None,
+                   help="your own region: an image of the photo's size, white = may change "
+                        "(brightness × opacity), cropped as the photo; outside it the edits "
+                        "keep the reconstruction from --blend-start on (with --blend-words: "
+                        "only where both allow)")
+    e.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
+                   help=f"also write sweep.png: the first target's edit over these values of a "
+                        f"plan field (e.g. {EXAMPLE}; {' / '.join(PER_WORD)} as "
+                        f"word:v1,v2), one P2P sampling per cell from the same inversion; give "
+                        f"it twice for rows × columns. Fields: {', '.join(SWEEPABLE)}")
     e.add_argument("--method", choices=tuple(METHODS), default=DEFAULT,
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     e.add_argument("--direct", action="store_true",

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import torch
 
-from ..editing import build_controller, edit, invert
-from ..images import contact_sheet, load_image, psnr, save_png
+from ..editing import build_controller, edit, invert, sweep
+from ..images import contact_sheet, load_image, load_mask, psnr, save_png
 from ..methods import METHODS
 from ..null_text import NullTextOptions
 from ..plan_spec import check_words
 from ..precision import dtype_key, sampling_dtype
 from ..schedule import make_grid, scaled_linear_alphas_cumprod
 from ..style import StyleOptions
+from ..sweep import plan_sweep
 from ..tokenizer import family_tokenizer
-from .args import check_args, plan_from_args
+from .args import check_args, plan_fields, plan_from_args, sweep_axes
 from .phases import Phases
-from .render import attention_pngs
+from .render import attention_pngs, loss_png, sweep_png
 
 log = logging.getLogger("nti_core")
 
@@ -28,12 +29,16 @@ log = logging.getLogger("nti_core")
 def run(a: argparse.Namespace) -> dict:
     check_args(a)
     spec = plan_from_args(a)
+    cells = plan_sweep(plan_fields(a), sweep_axes(a)) if a.sweep else None
     options = NullTextOptions(guidance=a.guidance, inner_steps=a.inner_steps, early_stop=a.early_stop,
                               attention_weight=a.attention_loss)
     make_grid(scaled_linear_alphas_cumprod(), a.steps, a.grid)  # step count fits the grid
     image = load_image(a.image, a.size)  # all cheap checks first, the words with CLIP's vocabulary
+    mask = None if a.mask is None else load_mask(a.mask, a.image, a.size)
     try:
         check_words(spec, family_tokenizer("clip-bpe"), a.steps)
+        if cells is not None:
+            plan_sweep(plan_fields(a), sweep_axes(a), family_tokenizer("clip-bpe"), a.steps)
     except FileNotFoundError:
         log.info("no standalone CLIP vocabulary: the edit plan is checked after the model loads")
     from ..hosts.diffusers.models import check_model_path
@@ -42,7 +47,7 @@ def run(a: argparse.Namespace) -> dict:
     if METHODS[a.method].needs_encoder and not (Path(a.image_encoder) / "config.json").is_file():
         raise ValueError(f"no image encoder at {a.image_encoder}: expected a transformers CLIP "
                          "vision folder (config.json + model.safetensors)")
-    phases = Phases(3)
+    phases = Phases(3 if cells is None else 4)
     with phases(f"load {a.model}"):
         from ..hosts.diffusers.models import load_model
 
@@ -51,7 +56,9 @@ def run(a: argparse.Namespace) -> dict:
         z0 = model.encode_image(image)
         steps = make_grid(model.alphas_cumprod, a.steps, a.grid).num_steps
         controller = build_controller(model, spec, steps, keep_step_maps=not a.no_attention_maps,
-                                      latent_hw=tuple(z0.shape[-2:]))
+                                      latent_hw=tuple(z0.shape[-2:]), mask=mask)
+        if cells is not None:  # every cell checked with the model's own tokenizer
+            cells = plan_sweep(plan_fields(a), sweep_axes(a), model.plan_tokenizer(), steps)
     tokens, encoder = None, "image encoder"
     if METHODS[a.method].needs_encoder:
         from ..hosts.diffusers.vision import describe, image_tokens, load_clip_vision
@@ -78,6 +85,9 @@ def run(a: argparse.Namespace) -> dict:
                       "psnr_db": psnr(images[:1], image)}
     paths = [str(save_png(images[:1], out / "reconstruction.png"))]
     paths += [str(save_png(images[k : k + 1], out / f"edit_{k}.png")) for k in range(1, len(images))]
+    fitted = inv.values if inv.values is not None else inv.uncond  # what was optimised
+    if fitted.first_loss:
+        paths.append(str(loss_png(fitted.first_loss, fitted.final_loss, out)))
     if not a.no_attention_maps:
         paths += attention_pngs(controller, spec, model.plan_tokenizer(),
                                 inv.trajectory.num_steps, images, latents, out)
@@ -101,5 +111,15 @@ def run(a: argparse.Namespace) -> dict:
                   "gradient_checkpointing": inv.checkpointing}}
     if inv.values is not None:
         report["values"] = inv.values.report()
+    if mask is not None:
+        region = controller.local_blend.region  # type: ignore[union-attr]
+        report["mask"] = {"file": a.mask, "may_change": float(region.mean())}  # of the latent
+    if cells is not None:
+        rows, columns = cells.shape
+        with phases(f"sweep of {rows}×{columns} cells", len(cells.plans) * steps) as tick:
+            swept = sweep(model, inv, cells, value_end=a.value_end, mask=mask, progress=tick)
+        report["sweep"] = {"path": str(sweep_png(model.decode(swept), cells, out)),
+                           "edit": cells.title, "rows": cells.labels()[0],
+                           "columns": cells.labels()[1]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -1,5 +1,5 @@
-"""The PNGs the command line writes besides the images: per-word attention maps and the
-LocalBlend masks."""
+"""The PNGs the command line writes besides the images: per-word attention maps, the
+LocalBlend masks, the sweep grid and the optimisation's loss curve."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ def attention_pngs(controller, spec: P2PSpec, tokenizer, num_steps: int, images,
             Image.fromarray(m).save(mp)
             written.append(str(mp))
     return written
+
+
+def sweep_png(images, cells, out: Path) -> Path:
+    """sweep.png: the cells' images [R·C, 3, H, W] in [−1, 1] (``nti_core.sweep``), labelled
+    with the swept values."""
+    from PIL import Image
+
+    from ..images import labelled_grid
+
+    p = out / "sweep.png"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(labelled_grid(images, *cells.labels(), cells.title)).save(p)
+    return p
+
+
+def loss_png(first: list[float], final: list[float], out: Path) -> Path:
+    """loss.png: each optimised step's first and final loss (the nodes' loss curve)."""
+    from PIL import Image
+
+    from ..images import loss_plot
+
+    p = out / "loss.png"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(loss_plot(first, final)).save(p)
+    return p

@@ -31,20 +31,52 @@ def blend_map_size(latent_hw: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def region_mask(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
+    """A user's mask (1 = may change) → [1, 1, h, w] at the latent's size, area-averaged.
+
+    ``mask`` [H, W] or [1, H, W] in 0…1 at the latent's size or the image's: f·h × f·w for a
+    whole factor f (SD's VAE: 8), plus fewer than f rows or columns that VAE Encode crops from
+    the centre (ComfyUI crops a 100² image to 96²)."""
+    h, w = latent_hw
+    if not isinstance(mask, Tensor) or mask.ndim not in (2, 3):
+        raise ValueError(f"expected a mask [H, W] or [1, H, W], got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if mask.ndim == 3 and mask.shape[0] != 1:
+        raise ValueError(f"expected one mask, got a batch of {mask.shape[0]}: pick one "
+                         "(1 = may change)")
+    m = mask.reshape(1, 1, *mask.shape[-2:]).float()
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise ValueError(f"mask values must lie in 0…1 (1 = may change), got "
+                         f"{float(m.min()):g}…{float(m.max()):g}")
+    big_h, big_w = m.shape[-2:]
+    f = big_h // h
+    if f < 1 or big_w // w != f or big_h - f * h >= f or big_w - f * w >= f:
+        raise ValueError(f"the mask is {big_w}×{big_h} (width×height) but the image is "
+                         f"{w}×{h} latent cells: give the mask at the image's size or the "
+                         "latent's")
+    top, left = (big_h - f * h) // 2, (big_w - f * w) // 2  # VAE Encode's centre crop
+    return F.interpolate(m[..., top : top + f * h, left : left + f * w], size=(h, w),
+                         mode="area")
+
+
 @dataclass
 class LocalBlend:
-    """P2P local blending: keep target latents equal to the source outside the edited words' mask.
+    """P2P local blending: keep target latents equal to the source outside the region allowed
+    to change — the edited words' mask, the user's own mask (``region``), or both (their product:
+    the change stays inside both).
 
-    ``words`` / ``subtract`` [K+1, L]: 1 at the token positions of the chosen words of each slot.
-    From ``start_step`` on, mask_s = threshold(normalise(upsample(maxpool₃ₓ₃(mean_layers Σ_words
-    A_s)))) OR mask_0, from the summed 16×16 maps; z_s ← z_0 + mask_s·(z_s − z_0).
+    ``words`` / ``subtract`` [K+1, L]: 1 at the token positions of the chosen words of each slot
+    (``words`` None: no word mask). From ``start_step`` on, mask_s = threshold(normalise(
+    upsample(maxpool₃ₓ₃(mean_layers Σ_words A_s)))) OR mask_0, from the summed 16×16 maps, times
+    ``region`` [1, 1, h, w] in 0…1 (see :func:`region_mask`); z_s ← z_0 + mask_s·(z_s − z_0).
     """
 
-    words: Tensor
+    words: Tensor | None
     start_step: int
     threshold: float = 0.3
     subtract: Tensor | None = None
     subtract_threshold: float = 0.3
+    region: Tensor | None = None
     last_mask: Tensor | None = field(default=None, repr=False, compare=False)  # [K+1, 1, h, w]
 
     def mask(self, store: AttentionStore, latent_hw: tuple[int, int], select: Tensor,
@@ -61,26 +93,42 @@ class LocalBlend:
         m = m > threshold
         return m[:1] | m
 
-    def __call__(self, step: int, latents: Tensor, store: AttentionStore) -> Tensor:
-        """latents [K+1, C, h, w] → blended latents (unchanged before ``start_step``)."""
-        if step < self.start_step:
-            return latents
-        if latents.shape[0] != self.words.shape[0]:
-            raise ValueError(f"local blend was built for {self.words.shape[0]} prompts, "
-                             f"got {latents.shape[0]} latents")
-        hw = (int(latents.shape[-2]), int(latents.shape[-1]))
+    def __post_init__(self) -> None:
+        if self.words is None and self.region is None:
+            raise ValueError("LocalBlend needs blend words, a mask, or both")
+
+    def word_mask(self, store: AttentionStore, hw: tuple[int, int], words: Tensor,
+                  rows: int) -> Tensor:
+        """The words' boolean mask [K+1, 1, h, w] (blend words minus subtract words)."""
+        if rows != words.shape[0]:
+            raise ValueError(f"local blend was built for {words.shape[0]} prompts, "
+                             f"got {rows} latents")
         if blend_map_size(hw) not in store.resolutions():
             raise ValueError(
                 f"LocalBlend reads the cross-attention maps at a quarter of the latent side "
                 f"({blend_map_size(hw)}), but this model has maps at {store.resolutions()} only: "
                 "leave the blend words empty for it"
             )
-        mask = self.mask(store, hw, self.words, True, self.threshold)
+        mask = self.mask(store, hw, words, True, self.threshold)
         if self.subtract is not None:
             mask = mask & ~self.mask(store, hw, self.subtract, False, self.subtract_threshold)
+        return mask
+
+    def __call__(self, step: int, latents: Tensor, store: AttentionStore) -> Tensor:
+        """latents [K+1, C, h, w] → blended latents (unchanged before ``start_step``)."""
+        if step < self.start_step:
+            return latents
+        hw = (int(latents.shape[-2]), int(latents.shape[-1]))
+        rows = latents.shape[0]
+        mask: Tensor = (torch.ones(rows, 1, *hw, dtype=torch.bool, device=latents.device)
+                        if self.words is None else self.word_mask(store, hw, self.words, rows))
+        if self.region is not None:
+            if tuple(self.region.shape[-2:]) != hw:
+                raise ValueError(f"the mask was made for a {tuple(self.region.shape[-2:])} "
+                                 f"latent, got {hw}")
+            mask = mask.to(latents.dtype) * self.region.to(latents.device, latents.dtype)
         self.last_mask = mask
-        mask = mask.to(latents.dtype)
-        return latents[:1] + mask * (latents - latents[:1])
+        return latents[:1] + mask.to(latents.dtype) * (latents - latents[:1])
 
 
 class P2PController:

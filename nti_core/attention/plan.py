@@ -24,7 +24,7 @@ from ..alignment import (
 )
 from ..tokenizer import TokenizerSpec
 from .controller import AttentionStore
-from .edits import LocalBlend, P2PController, blend_map_size
+from .edits import LocalBlend, P2PController, blend_map_size, region_mask
 from .schedules import Bounds, CrossSpec, cross_injection_alpha, injection_range
 
 EditMode = Literal["auto", "replace", "refine", "reweight"]
@@ -79,11 +79,13 @@ class P2PSpec:
     self_limit: int = SELF_LIMITS[0]  # self-attention injected into maps ≤ self_limit² only
 
     def build(self, tokenizer: TokenizerSpec, num_steps: int, keep_step_maps: bool = False,
-              latent_hw: tuple[int, int] | None = None) -> P2PController:
+              latent_hw: tuple[int, int] | None = None,
+              mask: Tensor | None = None) -> P2PController:
         """Tokenise, align and schedule; raises ValueError on anything inconsistent.
         ``keep_step_maps``: the store keeps per-step layer means (for the attention-map view);
-        ``latent_hw``: lets a LocalBlend-only store keep the one size it reads."""
-        return build_p2p(tokenizer, self, num_steps, keep_step_maps, latent_hw)
+        ``latent_hw``: lets a LocalBlend-only store keep the one size it reads; ``mask``: the
+        user's own region (1 = may change, see ``edits.region_mask``; needs ``latent_hw``)."""
+        return build_p2p(tokenizer, self, num_steps, keep_step_maps, latent_hw, mask)
 
 
 def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Tokenized,
@@ -101,8 +103,10 @@ def resolve_mode(mode: EditMode, source: str, targets: Sequence[str], src: Token
 
 def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int,
               keep_step_maps: bool = False,
-              latent_hw: tuple[int, int] | None = None) -> P2PController:
-    """The controller for slots [source, *targets] (see :class:`P2PSpec`).
+              latent_hw: tuple[int, int] | None = None,
+              mask: Tensor | None = None) -> P2PController:
+    """The controller for slots [source, *targets] (see :class:`P2PSpec`); ``mask`` confines
+    the change like LocalBlend, from the same start step (with blend words: their product).
 
     Its store materialises only what is read: every small cross-attention map for the
     attention-map view (``keep_step_maps``); else LocalBlend's quarter-side maps (all sizes up
@@ -130,23 +134,27 @@ def build_p2p(tokenizer: TokenizerSpec, spec: P2PSpec, num_steps: int,
                 raise ValueError(f"reweight alone keeps the source prompt, but target {t.text!r} "
                                  f"differs from source {src.text!r}: use replace or refine")
     eq = equalizers(tgts, spec.reweight) if spec.reweight else None
+    if spec.subtract_words and not spec.blend_words:
+        raise ValueError("subtract words need blend words")
+    if mask is not None and latent_hw is None:
+        raise ValueError("a mask needs the latent's size (latent_hw) to be resized to it")
+    region = None if mask is None else region_mask(mask, latent_hw)  # type: ignore[arg-type]
     blend = None
-    if spec.blend_words:
+    if spec.blend_words or region is not None:
         toks = [src, *tgts]
         if not 0.0 <= spec.blend_start <= 1.0:
             raise ValueError(f"blend start must be a fraction in [0, 1], got {spec.blend_start}")
+        words = word_selection(toks, spec.blend_words) if spec.blend_words else None
         sub = word_selection(toks, spec.subtract_words, "subtract") if spec.subtract_words else None
-        blend = LocalBlend(word_selection(toks, spec.blend_words), int(spec.blend_start * num_steps),
-                           spec.blend_threshold, sub, spec.blend_threshold)
-    elif spec.subtract_words:
-        raise ValueError("subtract words need blend words")
+        blend = LocalBlend(words, int(spec.blend_start * num_steps), spec.blend_threshold, sub,
+                           spec.blend_threshold, region)
     return P2PController(
         cross_injection_alpha(num_steps, spec.cross, targets, tokenizer),
         injection_range(num_steps, spec.self_steps),
         replace=replace, refine=refine, equalizer=eq, local_blend=blend,
         uncond_self_range=injection_range(num_steps, spec.uncond_self, "unconditional self injection"),
         store_edited=spec.store_edited, self_max_pixels=spec.self_limit**2,
-        store=_store(keep_step_maps, blend is not None, latent_hw),
+        store=_store(keep_step_maps, bool(spec.blend_words), latent_hw),
     )
 
 
