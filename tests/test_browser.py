@@ -391,6 +391,29 @@ def test_browser_click_on_a_target_token_reweights_it(editor: Editor, tmp_path: 
     editor.screenshot(PLAN, 1.3, VIEW, tmp_path / "token_view_reweight.png")
 
 
+def test_browser_click_on_a_target_token_adds_a_blend_word(editor: Editor) -> None:
+    editor.type_prompt("target_prompts", REPLACE)
+    editor.view_for(SOURCE, REPLACE)
+    editor.set_widgets({(PLAN, "blend_words"): ""})
+    editor.js(f"() => ntiTest.focus('{PLAN}', 1.1)")
+    page = editor.page
+    page.locator("select.nti-click-mode").select_option("blend")
+    target = "div.nti-prompt[data-role=target] span.nti-token[data-word={}]"
+    page.locator(target.format("tiger")).click()
+    assert editor.wait(f"() => ntiTest.widget('{PLAN}', 'blend_words').value || null",
+                       what="the click to write blend_words") == "tiger"
+    page.locator(target.format("mirror")).click()
+    assert editor.wait(f"""() => {{ const v = ntiTest.widget('{PLAN}', 'blend_words').value;
+        return v.includes('mirror') ? v : null; }}""", what="a second blend word") == "tiger, mirror"
+    view = editor.wait("""() => { const v = ntiTest.view();
+        return v && v.prompts.some((p) => p.tokens.some((t) => t.word === 'mirror' && t.blend))
+            ? v : null; }""", what="the view re-rendered with the blend words")
+    blended = {(p["role"], t["word"]) for p in view["prompts"] for t in p["tokens"] if t["blend"]}
+    # a blend word is looked up in every prompt: 'mirror' in both, 'tiger' in the target only
+    assert blended == {("source", "mirror"), ("target", "mirror"), ("target", "tiger")}
+    editor.set_widgets({(PLAN, "blend_words"): ""})  # the run below is planned without them
+
+
 def test_browser_run_draws_the_loss_curve(editor: Editor, finished_run, tmp_path: Path) -> None:
     (optimize,) = editor.js(f"() => app.graph.nodes.filter((n) => n.type === '{OPTIMIZE}')"
                             ".map((n) => String(n.id))")
