@@ -4,7 +4,6 @@ and the edit's LocalBlend mask."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..nti_core.alignment import tokenize
@@ -12,6 +11,8 @@ from ..nti_core.attention.maps import (
     SIZE_CHOICES,
     AttentionMaps,
     average_maps,
+    mask_at,
+    photo_window,
     size_of,
     step_range,
     word_maps,
@@ -19,7 +20,7 @@ from ..nti_core.attention.maps import (
 from ..nti_core.images import heatmap_grid
 from ..nti_core.trajectory import Trajectory
 from . import types
-from .common import CATEGORY, family_tokenizer
+from .common import CATEGORY, family_tokenizer, rgb_image
 
 
 def pick_maps(attention: AttentionMaps | None, trajectory: Trajectory | None) -> AttentionMaps:
@@ -32,24 +33,26 @@ def pick_maps(attention: AttentionMaps | None, trajectory: Trajectory | None) ->
 
 def render(am: AttentionMaps, photo: torch.Tensor, row: int, sizes: str, step_start: float,
            step_end: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """→ (grid IMAGE [1, H, W, 3] in [0, 1], MASK [1, h, w] at the photo's size)."""
-    if photo.ndim != 4 or photo.shape[-1] != 3:
-        raise ValueError(f"expected an IMAGE [B, H, W, 3], got shape {tuple(photo.shape)}")
+    """→ (grid IMAGE [1, H', W', 3] in [0, 1], MASK [1, H, W] at the photo's size). ``photo``:
+    one image, or one per row of the run (the decoded latents of P2P Sample: row ``row``'s)."""
+    photo = rgb_image(photo, "Attention Maps' image")
+    if photo.shape[0] not in (1, len(am.prompts)):
+        raise ValueError(f"Attention Maps draws on one image, got a batch of {photo.shape[0]} "
+                         f"for a run of {len(am.prompts)} rows: connect the photo, or the "
+                         "decoded latents of this P2P Sample (one image per row)")
     steps = step_range(am.num_steps, step_start, step_end)
-    avg = average_maps(am, row, size_of(sizes, am.latent_hw), steps)
+    avg = average_maps(am, row, size_of(sizes, am.latent_hw), steps)  # checks the row
     prompt = am.prompts[row]
     maps, words = word_maps(avg, tokenize(family_tokenizer(), prompt))
-    x = photo[:1].permute(0, 3, 1, 2).float() * 2 - 1
+    image = photo[row if photo.shape[0] > 1 else 0]
+    hw = (int(image.shape[0]), int(image.shape[1]))
+    rows, cols = photo_window(hw, am.latent_hw)  # the part the latent covers, else refused
+    x = image[rows, cols].permute(2, 0, 1)[None].float() * 2 - 1
     who = "source" if row == 0 else f"target {row}"
     title = (f"{am.what} · {who}: '{prompt}' · steps {steps.start}-{steps.stop - 1} of "
              f"{am.num_steps} · maps {sizes}")
     grid = torch.from_numpy(heatmap_grid(x, maps, words, title)).float()[None] / 255
-    h, w = photo.shape[1:3]
-    if am.mask is None:
-        mask = torch.ones(1, h, w)  # no LocalBlend: the whole image may change
-    else:
-        mask = F.interpolate(am.mask[row : row + 1].float(), size=(h, w), mode="nearest")[:, 0]
-    return grid, mask
+    return grid, mask_at(None if am.mask is None else am.mask[row : row + 1], hw, am.latent_hw)
 
 
 class NTIAttentionMaps(io.ComfyNode):
@@ -64,8 +67,10 @@ class NTIAttentionMaps(io.ComfyNode):
             "the chosen steps and map sizes, over the photo (the Prompt-to-Prompt papers' first "
             "figure), and the LocalBlend mask of the edit.",
             inputs=[
-                io.Image.Input("image", tooltip="Drawn under the maps: the photo, or the "
-                               "decoded edit."),
+                io.Image.Input("image", tooltip="Drawn under the maps: the photo VAE Encode "
+                               "encoded, or the decoded latents of P2P Sample (one image per "
+                               "row: the chosen row's is drawn). RGBA loses its alpha, "
+                               "greyscale is made RGB."),
                 types.Attention.Input("attention", optional=True,
                                       tooltip="The maps of an edit, from P2P Sample (NTI)."),
                 types.Trajectory.Input("trajectory", optional=True,

@@ -219,6 +219,16 @@ def latent_in(model: Any, latent: dict, device: torch.device) -> Tensor:
     return model.model.process_latent_in(samples.to(device=device, dtype=torch.float32))
 
 
+def rgb_image(image: Any, what: str) -> Tensor:
+    """An IMAGE [B, H, W, C] → [B, H, W, 3]: RGBA loses its alpha (as ComfyUI's VAE Encode and
+    CLIP vision drop it), greyscale is repeated; other layouts are refused."""
+    if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"{what} must be an IMAGE [B, H, W, 3] (RGB; RGBA loses its alpha, "
+                         f"greyscale [B, H, W, 1] is repeated), got {shape}: convert it to RGB")
+    return image[..., :3] if image.shape[-1] == 4 else image.expand(-1, -1, -1, 3)
+
+
 def latent_out(model: Any, z: Tensor) -> dict:
     """z [B, 4, h, w] in the model's scale → LATENT with raw VAE latents."""
     return {"samples": model.model.process_latent_out(z).to(intermediate())}

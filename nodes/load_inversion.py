@@ -9,21 +9,24 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..nti_core.files import load_inversion_all
+from ..nti_core.files import check_inversion_file, confined, inside, load_inversion_all
 from . import types
 from .common import CATEGORY, make_denoiser
 
 SUFFIX = ".safetensors"
 SUBFOLDER = "nti"  # where Save Inversion (NTI) writes by default, under output/ and input/
+OUTPUT_MARK = " [output]"  # ComfyUI's annotation: a name under the output folder
 
 
 def _files(root: str, recursive: bool) -> list[str]:
-    """.safetensors files under ``root`` (relative, '/'-separated)."""
+    """.safetensors files under ``root`` (relative, '/'-separated), none that a symbolic link
+    takes out of it."""
     base = Path(root)
     if not base.is_dir():
         return []
     found = base.rglob(f"*{SUFFIX}") if recursive else base.glob(f"*{SUFFIX}")
-    return sorted(p.relative_to(base).as_posix() for p in found if p.is_file())
+    return sorted(p.relative_to(base).as_posix() for p in found
+                  if p.is_file() and inside(base, p))
 
 
 def inversion_files() -> list[str]:
@@ -37,17 +40,19 @@ def inversion_files() -> list[str]:
 
 
 def resolve(inversion: str) -> str:
-    """The file a combo value names; refuses names that leave the input/output folders."""
-    if not (inversion.endswith(SUFFIX) or inversion.endswith(f"{SUFFIX} [output]")):
+    """The file a combo value names (``name`` under input/, ``name [output]`` under output/);
+    refuses a name that leaves its folder (ComfyUI checks no combo value a node validates)."""
+    output = isinstance(inversion, str) and inversion.endswith(OUTPUT_MARK)
+    name = inversion.removesuffix(OUTPUT_MARK) if output else inversion
+    root, where = ((folder_paths.get_output_directory(), "the output folder") if output
+                   else (folder_paths.get_input_directory(), "the input folder"))
+    path = confined(root, name, "inversion", where)
+    if not name.endswith(SUFFIX):
         raise ValueError(f"not a .safetensors inversion file: {inversion!r}")
-    path = os.path.abspath(folder_paths.get_annotated_filepath(inversion))
-    roots = [os.path.abspath(folder_paths.get_input_directory()),
-             os.path.abspath(folder_paths.get_output_directory())]
-    if not any(os.path.commonpath([root, path]) == root for root in roots):
-        raise ValueError(f"{inversion!r} is outside ComfyUI's input and output folders")
-    if not os.path.isfile(path):
-        raise ValueError(f"no inversion file {inversion!r} in ComfyUI's input (or output) folder")
-    return path
+    if not path.is_file():
+        raise ValueError(f"no inversion file {inversion!r} in {where}: save one with Save "
+                         "Inversion (NTI), or refresh the node's list")
+    return str(path)
 
 
 class NTILoadInversion(io.ComfyNode):
@@ -79,9 +84,13 @@ class NTILoadInversion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, inversion: str) -> bool | str:
+    def validate_inputs(cls, inversion: str | None = None) -> bool | str:
+        """Refuse a bad name or file (read from its header) when the prompt is queued (None: a
+        link, checked when the node runs)."""
+        if inversion is None:
+            return True
         try:
-            resolve(inversion)
+            check_inversion_file(resolve(inversion))
         except ValueError as e:
             return str(e)
         return True

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..nti_core.files import save_inversion
+from ..nti_core.files import confined, save_numbered
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from . import types
 from .common import CATEGORY
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".safetensors"
+OUTPUT = "the output folder"
 
 
-def next_path(folder: str, name: str) -> Path:
-    """``<folder>/<name>_NNNNN.safetensors`` with NNNNN one past the highest already there."""
-    pattern = re.compile(rf"{re.escape(name)}_(\d+){re.escape(SUFFIX)}$", re.IGNORECASE)
-    numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
-    return Path(folder) / f"{name}_{max(numbers, default=0) + 1:05d}{SUFFIX}"
+def check_prefix(filename_prefix: str) -> None:
+    """Refuse a prefix that leaves the output folder ('..', an absolute path, a symbolic link
+    leading out), holds a control character or a name too long for a filesystem."""
+    confined(folder_paths.get_output_directory(), filename_prefix, "filename_prefix", OUTPUT)
 
 
 class NTISaveInversion(io.ComfyNode):
@@ -52,13 +49,25 @@ class NTISaveInversion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix: str | None = None) -> bool | str:
+        """Refuse a bad prefix when the prompt is queued, before the inversion runs (None: a
+        link, checked when the node runs)."""
+        if filename_prefix is None:
+            return True
+        try:
+            check_prefix(filename_prefix)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, trajectory: Trajectory, uncond: UncondEmbeddings,
                 filename_prefix: str, values: ValueEmbeddings | None = None) -> io.NodeOutput:
+        check_prefix(filename_prefix)
         output_dir = folder_paths.get_output_directory()
         folder, name, _, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, output_dir)  # refuses paths outside the output folder
-        os.makedirs(folder, exist_ok=True)
-        path = save_inversion(next_path(folder, name), trajectory, uncond, values)
+            filename_prefix, output_dir)  # refuses paths outside the output folder too
+        path = save_numbered(folder, name, trajectory, uncond, values)
         log.info("[NTI] saved the inversion to %s", path)
         relative = os.path.relpath(path, output_dir).replace(os.sep, "/")
         ui = {"text": [relative],

@@ -27,6 +27,7 @@ from .common import (
     normal_copy,
     precision_input,
     progress_bar,
+    rgb_image,
     trajectory_to,
     uncond_to,
 )
@@ -39,15 +40,18 @@ NODE = "NTIStyleInvert"
 
 def vision_tokens(clip_vision: Any, image: torch.Tensor) -> tuple[torch.Tensor, str]:
     """E(x) [1, n, W] from ComfyUI's CLIP_VISION: every token after the final layer norm (the
-    official code's ln_post(x)); SigLIP already applies it. Other encoders are refused."""
-    if image.ndim != 4 or image.shape[-1] != 3:
-        raise ValueError(f"expected an IMAGE [B, H, W, 3], got shape {tuple(image.shape)}")
+    official code's ln_post(x)); SigLIP already applies it. Other encoders are refused; the
+    image must be one (RGBA and greyscale are made RGB: ``rgb_image``)."""
+    image = rgb_image(image, "StyleDiffusion Invert's image")
+    if image.shape[0] != 1:
+        raise ValueError(f"StyleDiffusion Invert takes one image (the photo that was inverted), "
+                         f"got a batch of {image.shape[0]}: pick it with ImageFromBatch")
     vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
     if vision is None or not hasattr(vision, "post_layernorm"):
         raise ValueError(f"StyleDiffusion needs a CLIP or SigLIP vision encoder (CLIPVisionLoader: "
                          f"ViT-L/14, ViT-H/14, ViT-bigG, SigLIP); got "
                          f"{type(getattr(clip_vision, 'model', clip_vision)).__name__}")
-    out = clip_vision.encode_image(image[:1], crop=True)
+    out = clip_vision.encode_image(image, crop=True)
     x = out["last_hidden_state"]
     if not getattr(vision, "output_layernorm", False):
         x = vision.post_layernorm(x.to(next(vision.parameters()).device,
@@ -74,8 +78,9 @@ class NTIStyleInvert(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="The image encoder E, from Load CLIP "
                                     "Vision (the paper used CLIP ViT-B/16; ComfyUI loads "
                                     "ViT-L/14, ViT-H/14, bigG and SigLIP)."),
-                io.Image.Input("image", tooltip="The photo that was inverted (encoded by E; "
-                               "centre-cropped as CLIP does)."),
+                io.Image.Input("image", tooltip="The photo that was inverted, one image (encoded "
+                               "by E, centre-cropped as CLIP does; RGBA loses its alpha, "
+                               "greyscale is made RGB)."),
                 types.Trajectory.Input("trajectory", tooltip="The pivot from DDIM Invert (NTI) "
                                        "with record_maps on when attention_loss > 0."),
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,

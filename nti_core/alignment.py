@@ -22,8 +22,9 @@ _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
 
 
 def word_key(word: str) -> str:
-    """How words are compared: lower case, surrounding punctuation removed."""
-    return _EDGE_PUNCT.sub("", word).lower()
+    """How words are compared: lower case, surrounding punctuation removed (after lowering,
+    which can add some: "İ" → "i̇"), so that a key is its own key."""
+    return _EDGE_PUNCT.sub("", word.lower())
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def tokenize(tok: TokenizerSpec, text: str) -> Tokenized:
                          f"the text encoder reads: shorten it ({text[:60]!r}…)")
     per_word = [tok.encode(w) for w in words]
     if [i for ids in per_word for i in ids] != body:
-        raise ValueError("this tokenizer does not split prompts at whitespace; "
-                         "word positions cannot be found")
+        raise ValueError(f"the prompt {text!r} tokenises differently as a whole than word by "
+                         "word, so word positions cannot be found: remove control characters "
+                         "and unusual spaces")
     spans, cores, pos = [], [], 1
     for word, ids in zip(words, per_word, strict=True):
         spans.append((pos, pos + len(ids)))
@@ -232,6 +234,9 @@ def equalizers(targets: Sequence[Tokenized], spec: WordValues) -> Tensor:
     the word, 1 elsewhere; a word in none of the targets is an error."""
     eq = torch.ones(len(targets), targets[0].max_length)
     for word, value in parse_word_values(spec):
+        if not abs(value) <= torch.finfo(eq.dtype).max:  # would be stored as inf
+            raise ValueError(f"reweight {word!r}: expected a factor of at most "
+                             f"{torch.finfo(eq.dtype).max:.3g} in size, got {value}")
         for k, inds in enumerate(find_in_targets(targets, word, "reweight")):
             if inds is not None:
                 eq[k, inds] = value

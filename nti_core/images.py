@@ -1,4 +1,5 @@
-"""Photos in and out: centre-cropped square tensors in [−1, 1] (REFERENCE §1)."""
+"""Photos in and out: tensors in [−1, 1], the whole photo at its aspect ratio or its centre
+square (REFERENCE §1), and the sheets the command line and the nodes draw."""
 
 from __future__ import annotations
 
@@ -8,66 +9,101 @@ import numpy as np
 import torch
 from torch import Tensor
 
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit greyscale PNGs
 
-def load_image(path: str | Path, size: int = 512) -> Tensor:
-    """An RGB photo → [1, 3, size, size] in [−1, 1], centre-cropped square then resized."""
-    from PIL import Image, UnidentifiedImageError
 
-    if size % 8 != 0 or size < 64:
-        raise ValueError(f"image size must be a multiple of 8 and ≥ 64, got {size}")
+def open_image(path: str | Path, what: str = "image"):
+    """A PIL image of the file, turned upright as its EXIF orientation says (what viewers and
+    ComfyUI's Load Image show)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no image at {p}")
+        raise FileNotFoundError(f"no {what} at {p}")
     try:
         img = Image.open(p)
         img.load()
     except UnidentifiedImageError as e:
         raise ValueError(f"{p} is not an image PIL can read") from e
-    return from_array(np.asarray(img.convert("RGB")), size)
+    return ImageOps.exif_transpose(img)
 
 
-def from_array(rgb: np.ndarray, size: int) -> Tensor:
-    """uint8 [H, W, 3] → centre-cropped, resized [1, 3, size, size] in [−1, 1]."""
+def rgb_array(img) -> np.ndarray:
+    """A PIL image of any mode → uint8 [H, W, 3]: alpha dropped (the colour under it kept, as
+    ComfyUI's Load Image and VAE Encode do), greyscale and palettes expanded, 16-bit greyscale
+    scaled to 8 bits (PIL's own conversion would clip it to white)."""
+    if img.mode in SIXTEEN_BIT:
+        grey = (np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def fit_size(width: int, height: int, size: int, crop: bool) -> tuple[int, int]:
+    """(width, height) the photo is resized to: with ``crop`` the centre square's ``size``²;
+    else the longer side ``size`` and the shorter following the aspect ratio, rounded to a
+    multiple of 8 (a stretch of at most 4 px)."""
+    if crop:
+        return size, size
+    long, short = max(width, height), min(width, height)
+    other = round(size * short / long / 8) * 8
+    if other < 8:
+        raise ValueError(f"the photo is {width}×{height} pixels: at --size {size} its shorter "
+                         f"side would be {size * short / long:.1f} px, which rounds to no "
+                         "multiple of 8; raise --size or use --crop for its centre square")
+    return (size, other) if width >= height else (other, size)
+
+
+def centre_square(a: np.ndarray) -> np.ndarray:
+    """[H, W, …] → its centre [s, s, …], s = min(H, W)."""
+    h, w = a.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return a[top : top + s, left : left + s]
+
+
+def load_image(path: str | Path, size: int = 512, crop: bool = True) -> Tensor:
+    """A photo file → [1, 3, H, W] in [−1, 1] (see ``rgb_array`` for modes and ``fit_size`` for
+    H, W): with ``crop`` its centre square resized to ``size``² (the demo's and the benchmarks'
+    convention), else the whole photo with its longer side ``size``."""
+    if size % 8 != 0 or size < 64:
+        raise ValueError(f"image size must be a multiple of 8 and ≥ 64, got {size}")
+    return from_array(rgb_array(open_image(path)), size, crop)
+
+
+def from_array(rgb: np.ndarray, size: int, crop: bool = True) -> Tensor:
+    """uint8 [H, W, 3] → [1, 3, H', W'] in [−1, 1]: the centre square resized to ``size``², or
+    with ``crop`` False the whole photo resized to ``fit_size`` (Lanczos)."""
     from PIL import Image
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {rgb.shape}")
     h, w = rgb.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = Image.fromarray(rgb[top : top + s, left : left + s]).resize((size, size), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(crop).copy()).float() / 127.5 - 1.0
+    part = centre_square(rgb) if crop else rgb
+    out = Image.fromarray(part).resize(fit_size(w, h, size, crop), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(out).copy()).float() / 127.5 - 1.0
     return x.permute(2, 0, 1)[None]
 
 
-def load_mask(path: str | Path, photo: str | Path, size: int = 512) -> Tensor:
-    """A mask image drawn on ``photo`` (its size; white = may change, brightness × opacity)
-    → [1, size, size] in 0…1, centre-cropped and resized (area-averaged) as ``load_image``
-    crops the photo."""
-    from PIL import Image, UnidentifiedImageError
+def load_mask(path: str | Path, photo: str | Path, size: int = 512, crop: bool = True) -> Tensor:
+    """A mask image drawn on ``photo`` (its size as shown, upright; white = may change,
+    brightness × opacity) → [1, H, W] in 0…1, cropped and resized (area-averaged) as
+    ``load_image`` does the photo with the same ``size`` and ``crop``."""
+    from PIL import Image
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no mask image at {p}")
-    try:
-        img = Image.open(p)
-        img.load()
-    except UnidentifiedImageError as e:
-        raise ValueError(f"{p} is not an image PIL can read") from e
-    with Image.open(photo) as ph:
-        if img.size != ph.size:
-            raise ValueError(f"the mask {p.name} is {img.size[0]}×{img.size[1]} pixels but the "
-                             f"photo is {ph.size[0]}×{ph.size[1]}: draw the mask on the photo's "
-                             "own pixels")
-    m = np.asarray(img.convert("L"), dtype=np.float32) / 255
+    img = open_image(path, "mask image")
+    shown = open_image(photo).size
+    if img.size != shown:
+        raise ValueError(f"the mask {Path(path).name} is {img.size[0]}×{img.size[1]} pixels but "
+                         f"the photo is {shown[0]}×{shown[1]}: draw the mask on the photo's own "
+                         "pixels")
+    m = np.asarray(Image.fromarray(rgb_array(img)).convert("L"), dtype=np.float32) / 255
     if "A" in img.getbands():
         m = m * np.asarray(img.getchannel("A"), dtype=np.float32) / 255
     h, w = m.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = torch.from_numpy(m[top : top + s, left : left + s].copy())[None, None]
-    mode = "area" if s >= size else "bilinear"
-    return torch.nn.functional.interpolate(crop, size=(size, size), mode=mode)[0].clamp(0, 1)
+    part = torch.from_numpy((centre_square(m) if crop else m).copy())[None, None]
+    out_w, out_h = fit_size(w, h, size, crop)
+    mode = "area" if part.shape[-1] >= out_w else "bilinear"
+    return torch.nn.functional.interpolate(part, size=(out_h, out_w), mode=mode)[0].clamp(0, 1)
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -111,20 +147,29 @@ def wrap_text(text: str, font, width: float) -> list[str]:
     return out
 
 
+def tile_box(hw: tuple[int, int], tile: int) -> tuple[int, int]:
+    """(width, height) of an image of ``hw`` = (H, W) shown with its longer side ``tile`` px,
+    keeping its aspect ratio."""
+    h, w = hw
+    return (tile, max(1, round(tile * h / w))) if w >= h else (max(1, round(tile * w / h)), tile)
+
+
 def contact_sheet(tiles: list[tuple[Tensor, str]], path: str | Path, columns: int,
                   title: str = "", tile: int = 256) -> Path:
-    """One PNG: images [1, 3, H, W] in [−1, 1], each shown at ``tile`` px with its caption below
-    (wrapped to the tile's width), ``columns`` per row, an optional title on top."""
+    """One PNG: images [1, 3, H, W] in [−1, 1] (of one size), each shown with its longer side
+    ``tile`` px and its caption below (wrapped to the tile's width), ``columns`` per row, an
+    optional title on top."""
     from PIL import Image, ImageDraw, ImageFont
 
+    tw, th = tile_box(tuple(tiles[0][0].shape[-2:]), tile)
     font = ImageFont.load_default(size=max(11, tile // 18))
     line = int(font.size * 1.3)
-    captions = [wrap_text(c, font, tile) for _, c in tiles]
+    captions = [wrap_text(c, font, tw) for _, c in tiles]
     pad = 8
-    heading = wrap_text(title, font, columns * (tile + pad) - pad) if title else []
+    heading = wrap_text(title, font, columns * (tw + pad) - pad) if title else []
     top = len(heading) * line + (pad if heading else 0)
     rows = -(-len(tiles) // columns)
-    cell_w, cell_h = tile + pad, tile + pad + max(map(len, captions)) * line + pad
+    cell_w, cell_h = tw + pad, th + pad + max(map(len, captions)) * line + pad
     sheet = Image.new("RGB", (columns * cell_w + pad, top + rows * cell_h + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for k, text in enumerate(heading):
@@ -132,10 +177,10 @@ def contact_sheet(tiles: list[tuple[Tensor, str]], path: str | Path, columns: in
     for n, ((x, _), lines) in enumerate(zip(tiles, captions, strict=True)):
         r, c = divmod(n, columns)
         left, upper = pad + c * cell_w, top + pad + r * cell_h
-        img = Image.fromarray(to_uint8(x)[0]).resize((tile, tile), Image.LANCZOS)
+        img = Image.fromarray(to_uint8(x)[0]).resize((tw, th), Image.LANCZOS)
         sheet.paste(img, (left, upper))
         for k, text in enumerate(lines):
-            draw.text((left, upper + tile + 4 + k * line), text, fill="black", font=font)
+            draw.text((left, upper + th + 4 + k * line), text, fill="black", font=font)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(p)
@@ -144,37 +189,39 @@ def contact_sheet(tiles: list[tuple[Tensor, str]], path: str | Path, columns: in
 
 def labelled_grid(tiles: Tensor, rows: list[str], columns: list[str], title: str = "",
                   tile: int = 256, font=None) -> np.ndarray:
-    """Images [R·C, 3, H, W] in [−1, 1], row-major, as one grid: each column's label above it,
-    each row's label left of it (empty labels take no room), an optional title on top, in
-    ``font`` (PIL's default at tile/16 when None) → RGB uint8 [·, ·, 3]."""
+    """Images [R·C, 3, H, W] in [−1, 1], row-major, as one grid of tiles with their longer side
+    ``tile`` px: each column's label above it, each row's label left of it (empty labels take
+    no room), an optional title on top, in ``font`` (PIL's default at tile/16 when None) → RGB
+    uint8 [·, ·, 3]."""
     from PIL import Image, ImageDraw, ImageFont
 
     if tiles.shape[0] != len(rows) * len(columns):
         raise ValueError(f"{tiles.shape[0]} images for {len(rows)} rows × {len(columns)} columns")
+    tw, th = tile_box(tuple(tiles.shape[-2:]), tile)
     font = font or ImageFont.load_default(size=max(11, tile // 16))
     line, pad = int(font.size * 1.3), 8
     side = [wrap_text(r, font, tile * 0.6) for r in rows] if any(rows) else []
     left = int(max(font.getlength(s) for r in side for s in r)) + 2 * pad if side else pad
-    heads = [wrap_text(c, font, tile) if c else [] for c in columns]
-    width = left + len(columns) * (tile + pad)
+    heads = [wrap_text(c, font, tw) if c else [] for c in columns]
+    width = left + len(columns) * (tw + pad)
     heading = wrap_text(title, font, width - 2 * pad) if title else []
     top = pad + len(heading) * line + max(map(len, heads)) * line + pad
-    sheet = Image.new("RGB", (width, top + len(rows) * (tile + pad)), "white")
+    sheet = Image.new("RGB", (width, top + len(rows) * (th + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, text in enumerate(heading):
         draw.text((pad, pad + k * line), text, fill="black", font=font)
     for c, lines in enumerate(heads):
         for k, text in enumerate(lines):
-            draw.text((left + c * (tile + pad), top - pad - (len(lines) - k) * line), text,
+            draw.text((left + c * (tw + pad), top - pad - (len(lines) - k) * line), text,
                       fill="black", font=font)
     for r, lines in enumerate(side):
         for k, text in enumerate(lines):
-            draw.text((pad, top + r * (tile + pad) + (tile - len(lines) * line) // 2 + k * line),
+            draw.text((pad, top + r * (th + pad) + (th - len(lines) * line) // 2 + k * line),
                       text, fill="black", font=font)
     for n, img in enumerate(to_uint8(tiles)):
         r, c = divmod(n, len(columns))
-        sheet.paste(Image.fromarray(img).resize((tile, tile), Image.LANCZOS),
-                    (left + c * (tile + pad), top + r * (tile + pad)))
+        sheet.paste(Image.fromarray(img).resize((tw, th), Image.LANCZOS),
+                    (left + c * (tw + pad), top + r * (th + pad)))
     return np.array(sheet)
 
 
@@ -231,27 +278,29 @@ def colourise(m: np.ndarray) -> np.ndarray:
 def heatmap_grid(photo: Tensor, maps: Tensor, labels: list[str], title: str = "",
                  tile: int = 192, columns: int = 8, opacity: float = 0.6) -> np.ndarray:
     """Each map [n, h, w] (normalised by its own maximum, as P2P's ``show_cross_attention``)
-    coloured and laid over the photo [1, 3, H, W] in [−1, 1], its label below; ``columns`` per
-    row, an optional title on top → RGB uint8 [rows·…, …, 3]."""
+    coloured and laid over the photo [1, 3, H, W] in [−1, 1] (tiles keep its aspect ratio,
+    longer side ``tile`` px), its label below; ``columns`` per row, an optional title on top →
+    RGB uint8 [rows·…, …, 3]."""
     from PIL import Image, ImageDraw, ImageFont
 
     if maps.shape[0] != len(labels):
         raise ValueError(f"{maps.shape[0]} maps but {len(labels)} labels")
-    base = Image.fromarray(to_uint8(photo)[0]).resize((tile, tile), Image.LANCZOS)
+    tw, th = tile_box(tuple(photo.shape[-2:]), tile)
+    base = Image.fromarray(to_uint8(photo)[0]).resize((tw, th), Image.LANCZOS)
     grey = np.asarray(base.convert("L").convert("RGB"), dtype=np.float32)
     font = ImageFont.load_default(size=max(11, tile // 14))
     line, pad = int(font.size * 1.3), 6
     cols = max(1, min(columns, len(labels)))
     rows = -(-len(labels) // cols)
-    heading = wrap_text(title, font, cols * (tile + pad) - pad) if title else []
+    heading = wrap_text(title, font, cols * (tw + pad) - pad) if title else []
     top = len(heading) * line + (pad if heading else 0)
-    cell_w, cell_h = tile + pad, tile + line + 2 * pad
+    cell_w, cell_h = tw + pad, th + line + 2 * pad
     sheet = Image.new("RGB", (cols * cell_w + pad, top + rows * cell_h + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for k, text in enumerate(heading):
         draw.text((pad, pad + k * line), text, fill="black", font=font)
     m = maps.detach().float()
-    m = torch.nn.functional.interpolate(m[:, None], size=(tile, tile), mode="bilinear",
+    m = torch.nn.functional.interpolate(m[:, None], size=(th, tw), mode="bilinear",
                                         align_corners=False)[:, 0]
     m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     for n, (heat, label) in enumerate(zip(m.cpu().numpy(), labels, strict=True)):
@@ -259,7 +308,7 @@ def heatmap_grid(photo: Tensor, maps: Tensor, labels: list[str], title: str = ""
         left, upper = pad + c * cell_w, top + pad + r * cell_h
         mixed = (1 - opacity) * grey + opacity * colourise(heat).astype(np.float32)
         sheet.paste(Image.fromarray(mixed.round().astype(np.uint8)), (left, upper))
-        text = label if font.getlength(label) <= tile else wrap_text(label, font, tile)[0] + "…"
-        draw.text((left + (tile - font.getlength(text)) / 2, upper + tile + 3), text,
+        text = label if font.getlength(label) <= tw else wrap_text(label, font, tw)[0] + "…"
+        draw.text((left + (tw - font.getlength(text)) / 2, upper + th + 3), text,
                   fill="black", font=font)
     return np.array(sheet)  # a writable copy (torch.from_numpy needs one)

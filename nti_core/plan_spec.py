@@ -108,6 +108,14 @@ def _choice(name: str, value: Any) -> str:
     return value
 
 
+def word_values(name: str, text: str) -> list[tuple[str, float]]:
+    """``parse_word_values`` of a per-word field, its messages naming the field."""
+    try:
+        return parse_word_values(text)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def words(text: str) -> tuple[str, ...]:
     """Words separated by commas or spaces."""
     return tuple(w for w in re.split(r"[,\s]+", text or "") if w)
@@ -115,7 +123,8 @@ def words(text: str) -> tuple[str, ...]:
 
 def target_lines(text: str) -> tuple[str, ...]:
     """One target prompt per non-empty line."""
-    lines = tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+    lines = tuple(check_prompt(line, "target prompt") for line in (text or "").splitlines()
+                  if line.strip())
     if not lines:
         raise ValueError("write at least one target prompt (one per line)")
     return lines
@@ -135,7 +144,7 @@ def plan_from_fields(values: Mapping[str, Any]) -> P2PSpec:
     cross: Any = default
     if (v["cross_words"] or "").strip():
         cross = {"default_": default}
-        for word, end in parse_word_values(v["cross_words"]):
+        for word, end in word_values("cross_words", v["cross_words"]):
             if not 0.0 <= end <= 1.0:
                 raise ValueError(f"cross_words: {word!r} needs a fraction in [0, 1], got {end}")
             if end < default[0]:
@@ -144,7 +153,7 @@ def plan_from_fields(values: Mapping[str, Any]) -> P2PSpec:
             cross[word] = (default[0], end)
     reweight = (v["reweight"] or "").strip()
     if reweight:
-        parse_word_values(reweight)  # syntax first; check_words looks the words up
+        word_values("reweight", reweight)  # syntax first; check_words looks the words up
     self_limit = _choice("self_limit", v["self_limit"])
     return P2PSpec(
         source=source,

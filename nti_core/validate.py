@@ -26,7 +26,14 @@ def check_context(c: Tensor, name: str = "embedding", batch: int | None = 1) -> 
 
 
 def check_prompt(text: str, name: str = "prompt") -> str:
-    """A prompt must have at least one word."""
-    if not isinstance(text, str) or not text.strip():
+    """A prompt must be text with at least one word; an unpaired UTF-16 surrogate (what a
+    broken paste or an undecodable command-line byte leaves) is no character a tokenizer reads."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be text, got {type(text).__name__}")
+    if not text.strip():
         raise ValueError(f"{name} is empty: write what the image shows, e.g. 'a cat sitting next to a mirror'")
+    bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        raise ValueError(f"{name} {text[:60]!r} holds {bad!r}, half of a surrogate pair and no "
+                         "character: type that part of it again")
     return text.strip()

@@ -61,7 +61,7 @@ def test_bad_files_are_refused(tmp_path):
         load_inversion(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_inversion(junk)
     from safetensors.torch import save_file
 
@@ -75,6 +75,8 @@ def test_failed_write_leaves_existing_file(tmp_path, inversion, monkeypatch):
     _, traj, npi = inversion
     p = save_inversion(tmp_path / "cat.safetensors", traj, npi)
     before = p.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_inversion(p, traj, npi)
     import safetensors.torch
 
     def boom(*a, **k):
@@ -82,7 +84,7 @@ def test_failed_write_leaves_existing_file(tmp_path, inversion, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_inversion(p, traj, npi)
+        save_inversion(tmp_path / "dog.safetensors", traj, npi)
     assert p.read_bytes() == before
     assert [x.name for x in tmp_path.iterdir()] == ["cat.safetensors"]
 

@@ -143,7 +143,8 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
 
 def test_cli_mask(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
     """--mask: a white left half drawn on the photo (its size) → the edit keeps the
-    reconstruction's latent outside it; a mask of another size is refused in one line."""
+    reconstruction's latent outside it; a mask of another size is refused in one line. The
+    photo keeps its aspect ratio (3:4 at --size 64: 48×64 px, a 6×8 latent)."""
     import json
 
     import numpy as np
@@ -155,7 +156,7 @@ def test_cli_mask(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
 
     with Image.open(CAT) as photo:
         w, h = photo.size
-    assert w < h  # portrait: the centre square keeps the whole width, its left half is ours
+    assert (w, h) == (960, 1280)  # portrait 3:4: the left half is latent columns 0…2
     pixels = np.zeros((h, w, 4), dtype=np.uint8)  # RGBA: opaque white on the left, clear right
     pixels[:, : w // 2] = 255
     pixels[:, w // 2 :, :3] = 255  # white but transparent: opacity counts
@@ -174,8 +175,9 @@ def test_cli_mask(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
             "--method", "negative-prompt", "--out", str(out), "--mask", str(tmp_path / "left.png")]
     assert main(argv) == 0
     (latents,) = seen
-    diff = (latents[1] - latents[0]).abs().amax(0)  # [8, 8]: the photo's centre square
-    assert float(diff[:, 4:].max()) == 0.0 and float(diff[:, :4].min()) > 0.0
+    diff = (latents[1] - latents[0]).abs().amax(0)  # [8, 6]: the whole photo
+    assert diff.shape == (8, 6)
+    assert float(diff[:, 3:].max()) == 0.0 and float(diff[:, :3].min()) > 0.0
     report = json.loads((out / "report.json").read_text())
     assert report["mask"]["may_change"] == 0.5
     Image.fromarray(pixels[:10, :10]).save(tmp_path / "small.png")

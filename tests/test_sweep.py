@@ -195,7 +195,7 @@ def test_cli_sweep(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
     assert main(argv) == 0
     assert len(seen["optimise"]) == 1  # the sweep re-used the run's ∅
     (edit,), (cells,) = seen["edit"], seen["sweep"]
-    assert cells.shape == (4, 4, 8, 8)
+    assert cells.shape == (4, 4, 8, 6)  # the 3:4 photo at --size 64
     assert torch.equal(cells[1], edit[1])  # cross_end 0.2 · self_end 0.5 = the run's settings
     assert not torch.equal(cells[0], edit[1])
     report = json.loads((out / "report.json").read_text())

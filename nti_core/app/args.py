@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ..attention.plan import P2PSpec
@@ -67,6 +68,10 @@ def check_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--size must be a multiple of 8 and at least 64, got {a.size}")
     if a.command != "edit":
         return
+    for name in ("guidance", "early_stop", "attention_loss", "style_attention_loss"):
+        if not math.isfinite(getattr(a, name)):  # argparse's float() takes nan and inf
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got "
+                             f"{getattr(a, name)}")
     if a.guidance <= 0:
         raise ValueError(f"--guidance must be positive, got {a.guidance}")
     for name in ("inner_steps", "style_inner_steps"):
@@ -114,11 +119,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True,
                    help="a diffusers folder of SD 1.x, SD 2.x or SDXL (StableDiffusionPipeline / "
                         "StableDiffusionXLPipeline), or a single-file SD 1.x .safetensors")
-    e.add_argument("--image", required=True, help="the photo (centre-cropped to a square)")
+    e.add_argument("--image", required=True,
+                   help="the photo (JPEG turned upright by its EXIF orientation; RGBA loses its "
+                        "alpha, greyscale, palette and 16-bit PNGs are read as RGB)")
     add_plan_arguments(e)
     e.add_argument("--mask", default=None,
                    help="your own region: an image of the photo's size, white = may change "
-                        "(brightness × opacity), cropped as the photo; outside it the edits "
+                        "(brightness × opacity), resized (and with --crop cropped) as the "
+                        "photo; outside it the edits "
                         "keep the reconstruction from --blend-start on (with --blend-words: "
                         "only where both allow)")
     e.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
@@ -158,7 +166,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-loss", type=float, default=0.0,
                    help="λ of the attention loss added to null-text optimisation (StyleDiffusion "
                         "§3.2); 0 = the reference algorithm")
-    e.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    e.add_argument("--size", type=int, default=512,
+                   help="the longer side of the image in pixels; the shorter follows the photo's "
+                        "aspect ratio, rounded to a multiple of 8 (with --crop: the square's "
+                        "side)")
+    e.add_argument("--crop", action="store_true",
+                   help="edit the photo's centre square (size × size) instead of the whole photo")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps")
     e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the model's dtype: UNet, text encoders and VAE load and compute in it "

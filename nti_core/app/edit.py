@@ -33,8 +33,8 @@ def run(a: argparse.Namespace) -> dict:
     options = NullTextOptions(guidance=a.guidance, inner_steps=a.inner_steps, early_stop=a.early_stop,
                               attention_weight=a.attention_loss)
     make_grid(scaled_linear_alphas_cumprod(), a.steps, a.grid)  # step count fits the grid
-    image = load_image(a.image, a.size)  # all cheap checks first, the words with CLIP's vocabulary
-    mask = None if a.mask is None else load_mask(a.mask, a.image, a.size)
+    image = load_image(a.image, a.size, a.crop)  # cheap checks first, words with CLIP's vocabulary
+    mask = None if a.mask is None else load_mask(a.mask, a.image, a.size, a.crop)
     try:
         check_words(spec, family_tokenizer("clip-bpe"), a.steps)
         if cells is not None:
@@ -97,6 +97,8 @@ def run(a: argparse.Namespace) -> dict:
                           title=f"source: {spec.source}")
     report = {"model": {"name": model.name, "family": model.family.key,
                         "label": model.family.label},
+              "image": {"file": a.image, "width": int(image.shape[-1]),
+                        "height": int(image.shape[-2]), "crop": a.crop},
               "reconstruction": reconstruction,
               "paths": paths, "contact_sheet": str(sheet), "uncond": inv.uncond.report(),
               "grid": inv.trajectory.grid.describe(), "timings": inv.timings,

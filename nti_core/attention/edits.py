@@ -34,9 +34,8 @@ def blend_map_size(latent_hw: tuple[int, int]) -> tuple[int, int]:
 def region_mask(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
     """A user's mask (1 = may change) → [1, 1, h, w] at the latent's size, area-averaged.
 
-    ``mask`` [H, W] or [1, H, W] in 0…1 at the latent's size or the image's: f·h × f·w for a
-    whole factor f (SD's VAE: 8), plus fewer than f rows or columns that VAE Encode crops from
-    the centre (ComfyUI crops a 100² image to 96²)."""
+    ``mask`` [H, W] or [1, H, W] in 0…1 at the latent's size or the image's (any aspect ratio:
+    the latent's; see :func:`latent_window`)."""
     h, w = latent_hw
     if not isinstance(mask, Tensor) or mask.ndim not in (2, 3):
         raise ValueError(f"expected a mask [H, W] or [1, H, W], got "
@@ -49,14 +48,27 @@ def region_mask(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
         raise ValueError(f"mask values must lie in 0…1 (1 = may change), got "
                          f"{float(m.min()):g}…{float(m.max()):g}")
     big_h, big_w = m.shape[-2:]
-    f = big_h // h
-    if f < 1 or big_w // w != f or big_h - f * h >= f or big_w - f * w >= f:
+    window = latent_window((big_h, big_w), latent_hw)
+    if window is None:
         raise ValueError(f"the mask is {big_w}×{big_h} (width×height) but the image is "
                          f"{w}×{h} latent cells: give the mask at the image's size or the "
                          "latent's")
-    top, left = (big_h - f * h) // 2, (big_w - f * w) // 2  # VAE Encode's centre crop
+    f, top, left = window
     return F.interpolate(m[..., top : top + f * h, left : left + f * w], size=(h, w),
                          mode="area")
+
+
+def latent_window(big_hw: tuple[int, int], latent_hw: tuple[int, int]
+                  ) -> tuple[int, int, int] | None:
+    """(f, top, left) when an image of ``big_hw`` covers the latent ``latent_hw`` as f·h × f·w
+    for a whole factor f (the latent's own size: 1; SD's VAE: 8) plus fewer than f rows and
+    columns that VAE Encode crops from the centre (ComfyUI crops 100×70 px to 96×64); None when
+    it is of another shape (another aspect ratio, another image)."""
+    (big_h, big_w), (h, w) = big_hw, latent_hw
+    f = big_h // h
+    if f < 1 or big_w // w != f or big_h - f * h >= f or big_w - f * w >= f:
+        return None
+    return f, (big_h - f * h) // 2, (big_w - f * w) // 2
 
 
 @dataclass

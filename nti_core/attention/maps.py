@@ -19,6 +19,7 @@ from torch import Tensor
 from ..alignment import Tokenized
 from ..trajectory import Trajectory
 from .controller import AttentionStore
+from .edits import blend_map_size, latent_window
 
 SIZE_CHOICES = ("all", "1/4", "1/2", "1/8")  # map side as a fraction of the latent side
 
@@ -63,8 +64,6 @@ class AttentionMaps:
         n = traj.num_steps
         lh, lw = (int(x) for x in traj.latents.shape[-2:])
         nq = traj.maps.shape[3]
-        from .edits import blend_map_size
-
         hw = blend_map_size((lh, lw))
         if hw[0] * hw[1] != nq:
             raise ValueError(f"maps of {nq} positions do not fit a {lh}×{lw} latent")
@@ -119,6 +118,35 @@ def average_maps(am: AttentionMaps, slot: int, sizes: list[tuple[int, int]] | No
     if not per_size:
         raise ValueError(f"no maps in steps {steps.start}…{steps.stop - 1} of this {am.what}")
     return torch.stack(per_size).mean(0).permute(1, 2, 0)
+
+
+def photo_window(photo_hw: tuple[int, int], latent_hw: tuple[int, int]
+                 ) -> tuple[slice, slice]:
+    """The rows and columns of a photo [H, W] that the maps' latent covers (all of a decoded
+    latent; the centre VAE Encode kept of a side not a multiple of 8), refused when the photo
+    has another shape."""
+    window = latent_window(tuple(photo_hw), tuple(latent_hw))  # type: ignore[arg-type]
+    if window is None:
+        (big_h, big_w), (h, w) = photo_hw, latent_hw
+        raise ValueError(f"the image is {big_w}×{big_h} pixels (width×height) but the maps are "
+                         f"of a {w}×{h} latent: connect the image that VAE Encode encoded (after "
+                         "any scaling or cropping) or the decoded latents")
+    f, top, left = window
+    return slice(top, top + f * latent_hw[0]), slice(left, left + f * latent_hw[1])
+
+
+def mask_at(mask: Tensor | None, photo_hw: tuple[int, int], latent_hw: tuple[int, int]
+            ) -> Tensor:
+    """One row's LocalBlend mask [1, 1, h, w] → [1, H, W] at the photo's size (all ones when
+    None): upsampled (nearest) onto the part the latent covers, its edge repeated into the rows
+    and columns VAE Encode cropped."""
+    if mask is None:
+        return torch.ones(1, *photo_hw)
+    rows, cols = photo_window(photo_hw, latent_hw)
+    m = F.interpolate(mask.float(), size=(rows.stop - rows.start, cols.stop - cols.start),
+                      mode="nearest")
+    pad = (cols.start, photo_hw[1] - cols.stop, rows.start, photo_hw[0] - rows.stop)
+    return F.pad(m, pad, mode="replicate")[:, 0]
 
 
 def word_maps(avg: Tensor, toks: Tokenized) -> tuple[Tensor, list[str]]:

@@ -22,12 +22,15 @@ DEFAULT_KEY = "default_"
 
 def fraction_bounds(value: Bounds, what: str = "injection") -> tuple[float, float]:
     """A fraction f → (0, f); a pair (start, end) is checked: 0 ≤ start ≤ end ≤ 1."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        start, end = 0.0, float(value)
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        start, end = float(value[0]), float(value[1])
-    else:
-        raise ValueError(f"{what} must be a fraction or a (start, end) pair, got {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    try:
+        if not (number or pair):
+            raise TypeError
+        start, end = (0.0, float(value)) if number else (float(value[0]), float(value[1]))
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 10**400 has no float
+        raise ValueError(f"{what} must be a fraction or a (start, end) pair, got "
+                         f"{value!r:.80}") from None
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"{what} needs 0 ≤ start ≤ end ≤ 1, got ({start}, {end})")
     return start, end
