@@ -11,19 +11,24 @@ from torch import Tensor
 
 def load_image(path: str | Path, size: int = 512) -> Tensor:
     """An RGB photo → [1, 3, size, size] in [−1, 1], centre-cropped square then resized."""
-    from PIL import Image, UnidentifiedImageError
-
     if size % 8 != 0 or size < 64:
         raise ValueError(f"image size must be a multiple of 8 and ≥ 64, got {size}")
+    return from_array(np.asarray(open_image(path).convert("RGB")), size)
+
+
+def open_image(path: str | Path, what: str = "image"):
+    """The PIL image at ``path``, loaded; FileNotFoundError / ValueError saying what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no image at {p}")
+        raise FileNotFoundError(f"no {what} at {p}")
     try:
         img = Image.open(p)
         img.load()
     except UnidentifiedImageError as e:
         raise ValueError(f"{p} is not an image PIL can read") from e
-    return from_array(np.asarray(img.convert("RGB")), size)
+    return img
 
 
 def from_array(rgb: np.ndarray, size: int) -> Tensor:
@@ -44,16 +49,10 @@ def load_mask(path: str | Path, photo: str | Path, size: int = 512) -> Tensor:
     """A mask image drawn on ``photo`` (its size; white = may change, brightness × opacity)
     → [1, size, size] in 0…1, centre-cropped and resized (area-averaged) as ``load_image``
     crops the photo."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no mask image at {p}")
-    try:
-        img = Image.open(p)
-        img.load()
-    except UnidentifiedImageError as e:
-        raise ValueError(f"{p} is not an image PIL can read") from e
+    img = open_image(p, "mask image")
     with Image.open(photo) as ph:
         if img.size != ph.size:
             raise ValueError(f"the mask {p.name} is {img.size[0]}×{img.size[1]} pixels but the "
