@@ -29,6 +29,18 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return tk.sd1_clip_tokenizer(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD1 model as an LDM-layout .safetensors declaring its 16-group GroupNorms (a
+    user's single-file checkpoint, for the command line and the single-file loader)."""
+    pytest.importorskip("diffusers", reason="the command line loads models with diffusers")
+    import ldm_export
+    from core_support import TINY_GROUPS, tiny_model
+
+    path = tmp_path_factory.mktemp("single_file") / "tiny_sd1.safetensors"
+    return ldm_export.save_ldm_checkpoint(path, tiny_model(), TINY_GROUPS)
+
+
 # ============================================================================ ComfyUI section
 # Everything below needs a ComfyUI checkout named by $COMFYUI_PATH; tests that use these
 # fixtures are skipped, saying why, when it is unset. The tiny SD1.5 checkpoint is generated

@@ -16,6 +16,10 @@ CAT = ROOT / "nti_core" / "assets" / "gnochi_mirror.jpeg"
 CAT_PROMPT = "a cat sitting next to a mirror"
 
 
+# The tiny model's GroupNorms (16 groups), as a checkpoint of it declares them.
+TINY_GROUPS = {"unet": {"norm_num_groups": 16}, "vae": {"norm_num_groups": 16}}
+
+
 @lru_cache(maxsize=1)
 def tiny_model():
     """The demo's random SD1-shaped model (seed 0), built once per test session."""

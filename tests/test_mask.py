@@ -131,16 +131,6 @@ def test_bad_masks_are_refused_before_sampling(setup, mask, message) -> None:
 # ------------------------------------------------------------------------------ command line
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("diffusers", reason="the command line loads models with diffusers")
-    import ldm_export
-
-    path = tmp_path_factory.mktemp("mask_cli") / "tiny_sd1.safetensors"
-    groups = {"unet": {"norm_num_groups": 16}, "vae": {"norm_num_groups": 16}}
-    return ldm_export.save_ldm_checkpoint(path, tiny_model(), groups)
-
-
 def test_cli_mask(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
     """--mask: a white left half drawn on the photo (its size) → the edit keeps the
     reconstruction's latent outside it; a mask of another size is refused in one line. The

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("diffusers", reason="single-file loading needs diffusers")
 
 import ldm_export  # noqa: E402
-from core_support import tiny_model  # noqa: E402
+from core_support import TINY_GROUPS, tiny_model  # noqa: E402
 
 from nti_core.hosts.diffusers.models import SD1Model, load_sd1  # noqa: E402
 from nti_core.hosts.diffusers.single_file import (  # noqa: E402
@@ -26,18 +26,9 @@ from nti_core.hosts.diffusers.single_file import (  # noqa: E402
 )
 from nti_core.schedule import scaled_linear_alphas_cumprod  # noqa: E402
 
-TINY_GROUPS = {"unet": {"norm_num_groups": 16}, "vae": {"norm_num_groups": 16}}
-
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model as an LDM-layout .safetensors declaring its 16-group GroupNorms."""
-    path = tmp_path_factory.mktemp("single_file") / "tiny_sd1.safetensors"
-    return ldm_export.save_ldm_checkpoint(path, tiny_model(), TINY_GROUPS)
 
 
 @pytest.fixture(scope="module")

@@ -154,16 +154,6 @@ def test_grid_lays_out_tiles_under_their_labels() -> None:
 # ------------------------------------------------------------------------------ command line
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("diffusers", reason="the command line loads models with diffusers")
-    import ldm_export
-
-    path = tmp_path_factory.mktemp("sweep_cli") / "tiny_sd1.safetensors"
-    groups = {"unet": {"norm_num_groups": 16}, "vae": {"norm_num_groups": 16}}
-    return ldm_export.save_ldm_checkpoint(path, tiny_model(), groups)
-
-
 def test_cli_sweep(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
     """--sweep twice: sweep.png (rows × columns) and its report entry; the cell with the run's
     own settings is the run's edit; the photo is inverted and optimised once."""
