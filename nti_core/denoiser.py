@@ -117,7 +117,9 @@ class Denoiser(Protocol):
         """A small float64 vector that identifies the weights (compare with ``same_model``)."""
         ...
 
-    # Optional: ``dtype``, the dtype the UNet computes in (read with ``compute_dtype``).
+    # Optional: ``dtype``, the dtype the UNet computes in (read with ``compute_dtype``);
+    # ``guide(z, t, eps_u, eps_c, w, *, cond, uncond) -> Tensor | None``, the host's own
+    # guidance (ComfyUI: the MODEL's CFG functions), None when it has none (read by ``guided``).
 
 
 class Model(Protocol):
@@ -150,6 +152,18 @@ class Model(Protocol):
 def compute_dtype(denoiser: Denoiser) -> torch.dtype | None:
     """The dtype the denoiser's UNet computes in (None when it does not say: test doubles)."""
     return getattr(denoiser, "dtype", None)
+
+
+def guided(
+    denoiser: Denoiser, z: Tensor, t: int, eps_u: Tensor, eps_c: Tensor, w: float, *,
+    cond: Tensor, uncond: Tensor,
+) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ε = ε_∅ + w(ε_c − ε_∅), or the host's
+    own guidance when the denoiser's optional ``guide`` gives one. z, ε_∅, ε_c [B, 4, h, w];
+    cond, uncond [B, L, D]: the contexts of the rows ε_c and ε_∅ were computed with."""
+    guide = getattr(denoiser, "guide", None)
+    eps = None if guide is None else guide(z, t, eps_u, eps_c, w, cond=cond, uncond=uncond)
+    return eps_u + w * (eps_c - eps_u) if eps is None else eps
 
 
 def value_rows(rows: Rows, context: Tensor, value_context: Tensor | None) -> Tensor | None:

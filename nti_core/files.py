@@ -141,10 +141,17 @@ def save_inversion(path: str | Path, traj: Trajectory, uncond: UncondEmbeddings 
     (``.safetensors`` appended unless it ends so); returns the path written. An existing file is
     never replaced (FileExistsError). ``family``: the model's (default: the one whose embedding
     shape ``traj.embedding`` has), named in the metadata."""
+    p = new_inversion_path(path)
+    return _write(_contents(traj, uncond, values, family), p.parent, [p])
+
+
+def new_inversion_path(path: str | Path) -> Path:
+    """``path`` as :func:`save_inversion` writes it; FileExistsError, naming it, where a file is
+    (the command line checks this before anything runs)."""
     p = inversion_path(path)
     if os.path.lexists(p):
         raise _exists(p)
-    return _write(_contents(traj, uncond, values, family), p.parent, [p])
+    return p
 
 
 def save_numbered(folder: str | Path, name: str, traj: Trajectory,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .attention.controller import MapRecorder
 from .attention.edits import blend_map_size
-from .denoiser import Denoiser, Rows, compute_dtype, same_model
+from .denoiser import Denoiser, Rows, compute_dtype, guided, same_model
 from .finite import check_finite
 from .methods import DIRECT, NEGATIVE_PROMPT, NULL_TEXT, NULL_TEXT_FAST
 from .precision import LossScaler, Precision, dtype_key
@@ -181,7 +181,8 @@ def null_text_optimize(
 ) -> UncondEmbeddings:
     """Per-step ∅_i [N, L, D] that make CFG sampling at guidance w retrace the pivot.
 
-    At step i: ε_c = ε(z̄, t_i, C) once; K times: ε = ε_∅ + w(ε_c − ε_∅), z̃ = DDIM(z̄, ε),
+    At step i: ε_c = ε(z̄, t_i, C) once; K times: ε = ε_∅ + w(ε_c − ε_∅) (or the host's own
+    guidance, ``guided``: ∅ is fitted under what sampling then applies), z̃ = DDIM(z̄, ε),
     loss = MSE(z̃, z*_{N−1−i}), Adam on ∅ (fresh, lr_i); then z̄ ← DDIM with ∅_i. ``progress`` is
     told once per step; ``check`` runs before every inner iteration and may raise to cancel;
     ``on_step`` gets each step's first and final loss as soon as its iterations end.
@@ -229,14 +230,14 @@ def null_text_optimize(
         check_finite(stage, step=i, dtype=dtype, **{"the source prompt's ε": eps_c})
         uncond = uncond.detach().clone().requires_grad_(True)
 
-        def guided(z=z, t=t, i=i, eps_c=eps_c, uncond=uncond) -> Tensor:
+        def guided_eps(z=z, t=t, i=i, eps_c=eps_c, uncond=uncond) -> Tensor:
             if recorder is None:  # λ = 0: exactly the reference's call
                 eps_u = denoiser.eps(z, t, uncond, step=i)
             else:
                 eps_u = denoiser.eps(z, t, uncond, rows=UNCOND_ROW, step=i, controller=recorder)
-            return eps_u + o.guidance * (eps_c - eps_u)
+            return guided(denoiser, z, t, eps_u, eps_c, o.guidance, cond=cond, uncond=uncond)
 
-        fit = fit_step(guided, [uncond], traj=traj, i=i, z=z,
+        fit = fit_step(guided_eps, [uncond], traj=traj, i=i, z=z,
                        lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.inner_steps,
                        threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
                        attention_weight=o.attention_weight, check=check,
@@ -254,12 +255,13 @@ def null_text_optimize(
                 eps = fit.eps
                 if eps is None:
                     eps_u = denoiser.eps(z, t, uncond, step=i)
-                    eps = eps_u + o.guidance * (eps_c - eps_u)
+                    eps = guided(denoiser, z, t, eps_u, eps_c, o.guidance, cond=cond,
+                                 uncond=uncond)
             else:  # one batched CFG call, as the reference (parity to 1e-5)
                 eps_u, eps_c = denoiser.eps(
                     torch.cat([z, z]), t, torch.cat([uncond, cond]), rows=Rows.cfg(1), step=i
                 ).chunk(2)
-                eps = eps_u + o.guidance * (eps_c - eps_u)
+                eps = guided(denoiser, z, t, eps_u, eps_c, o.guidance, cond=cond, uncond=uncond)
             z = sample_step(grid, i, z, eps)
         check_finite(stage, step=i, dtype=dtype, **{"the guided ε": eps, "the latent": z})
         progress(1)

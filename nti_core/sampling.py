@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .denoiser import Controller, Denoiser, Rows, compute_dtype
+from .denoiser import Controller, Denoiser, Rows, compute_dtype, guided
 from .finite import check_finite
 from .progress import Progress, no_progress
 from .schedule import sample_step
@@ -29,8 +29,8 @@ def p2p_sample(
     """Source and targets as one batch from z*_T → latents [S, 4, h, w] (row 0 = reconstruction).
 
     contexts [S, L, D]: slot 0 = the source prompt, 1… = targets. Each step runs rows
-    [∅_i × S | contexts] (branch-labelled), ε = ε_∅ + w(ε_c − ε_∅), DDIM, then
-    ``controller.after_step`` (LocalBlend). ``guidance`` defaults to the one ∅ was optimised for.
+    [∅_i × S | contexts] (branch-labelled), ε = ε_∅ + w(ε_c − ε_∅) (or the host's own
+    guidance, ``guided``), DDIM, then ``controller.after_step`` (LocalBlend). ``guidance`` defaults to the one ∅ was optimised for.
 
     Direct Inversion (``uncond.direct``, PnP Inversion, Ju et al. 2024): after each
     step's DDIM update and before ``after_step``, the source row is put back on the pivot,
@@ -76,7 +76,9 @@ def p2p_sample(
             rows=rows, step=i, controller=controller, value_context=vctx,
         )
         eps_u, eps_c = eps.chunk(2)
-        z = sample_step(grid, i, z, eps_u + w * (eps_c - eps_u))
+        t = grid.timesteps[i]
+        z = sample_step(grid, i, z, guided(denoiser, z, t, eps_u, eps_c, w, cond=contexts,
+                                           uncond=null))
         check_finite("P2P sampling", step=i, dtype=dtype, **{"ε": eps, "the latent": z})
         if uncond.direct:
             z[0] = traj.latents[n - 1 - i].to(z)

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .denoiser import Denoiser, compute_dtype
+from .denoiser import Denoiser, compute_dtype, guided
 from .family import TOKENS
 from .finite import check_finite
 from .null_text import (
@@ -187,12 +187,12 @@ def style_invert(
             eps_u = denoiser.eps(z, t, null, rows=UNCOND_ROW, step=i)
         check_finite(stage, step=i, dtype=dtype, **{"the empty prompt's ε": eps_u})
 
-        def guided(z=z, t=t, i=i, eps_u=eps_u) -> Tensor:
+        def guided_eps(z=z, t=t, i=i, eps_u=eps_u) -> Tensor:
             eps_c = denoiser.eps(z, t, cond, step=i, controller=recorder,
                                  value_context=value_of(net(tokens)))
-            return eps_u + o.guidance * (eps_c - eps_u)
+            return guided(denoiser, z, t, eps_u, eps_c, o.guidance, cond=cond, uncond=null)
 
-        fit = fit_step(guided, list(net.parameters()), traj=traj, i=i, z=z,
+        fit = fit_step(guided_eps, list(net.parameters()), traj=traj, i=i, z=z,
                        lr=o.lr * (1.0 - i / o.lr_decay_steps), budget=o.iterations(i),
                        threshold=o.early_stop + i * o.early_stop_slope, recorder=recorder,
                        attention_weight=o.attention_weight, check=check, scaler=scaler,
@@ -210,7 +210,8 @@ def style_invert(
             shifts.append(shift.detach())
             value = shift if scale is None else scale * cond + shift
             eps_c = denoiser.eps(z, t, cond, step=i, value_context=value)
-            z = sample_step(grid, i, z, eps_u + o.guidance * (eps_c - eps_u))
+            z = sample_step(grid, i, z, guided(denoiser, z, t, eps_u, eps_c, o.guidance,
+                                               cond=cond, uncond=null))
         check_finite(stage, step=i, dtype=dtype, **{"the valued ε": eps_c, "the latent": z})
         progress(1)
     return ValueEmbeddings(

@@ -290,16 +290,6 @@ def test_aspect_from_array_keeps_the_old_square_crop() -> None:
 # ------------------------------------------------------------------------------ the CLI
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("diffusers", reason="the command line loads models with diffusers")
-    import ldm_export
-
-    path = tmp_path_factory.mktemp("aspect_cli") / "tiny_sd1.safetensors"
-    groups = {"unet": {"norm_num_groups": 16}, "vae": {"norm_num_groups": 16}}
-    return ldm_export.save_ldm_checkpoint(path, tiny_model(), groups)
-
-
 def test_aspect_cli_keeps_a_3_2_photo_3_2_and_crop_makes_a_square(tiny_ckpt, tmp_path) -> None:
     from nti_core.app import main
 

@@ -181,4 +181,13 @@ def parser() -> argparse.ArgumentParser:
                         "Adam and the loss stay fp32); fp32 = always fp32; auto = model where "
                         "measured as exact as fp32 (docs/precision.md)")
     e.add_argument("--out", default="nti_out/edit", help="output folder")
+    e.add_argument("--save-inversion", default=None, metavar="FILE",
+                   help="also write the inversion (pivot, ∅, StyleDiffusion's values) to FILE "
+                        "(.safetensors appended), the format of Save Inversion (NTI); an "
+                        "existing file is never replaced")
+    e.add_argument("--load-inversion", default=None, metavar="FILE",
+                   help="edit from an inversion saved by --save-inversion or Save Inversion "
+                        "(NTI) instead of inverting: its steps, grid and ∅ are used (--method "
+                        "and the optimisation's options are not); it must be of this --model, "
+                        "--image, --size and --source")
     return p

@@ -22,7 +22,8 @@ Notation: ᾱ_t = 1/(1+σ_t²); ε = predicted noise; x̂₀ = ComfyUI's "denois
 
 Modules: ``denoiser`` (ComfyDenoiser, the σ adapter), ``hooks`` (attention replace hooks and the
 value patch), ``rows`` (chunks ↔ Rows), ``grad`` (autograd through inference-mode weights),
-``family`` (which models are accepted).
+``family`` (which models are accepted), ``patches`` (what else the MODEL carries: run with the
+edit — other packs' hooks, CFG functions through ``ComfyDenoiser.guide`` — or refused).
 """
 
 from .denoiser import ComfyDenoiser, check_interrupt

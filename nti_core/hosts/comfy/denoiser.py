@@ -27,6 +27,7 @@ from .grad import (
     usable,
 )
 from .hooks import STATE_KEY, CallState, patch_model, transformer_keys
+from .patches import cfg_eps, check_patches, comfy_conds, has_cfg_functions, transformer_options
 from .rows import plan_calls
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ComfyDenoiser:
                  precision: str = "auto", latent_hw: tuple[int, int] | None = None,
                  checkpointing: bool | None = None, compute: torch.dtype | None = None):
         self.family = detect(model)
+        check_patches(model)
         self.source = model
         self.for_grad = for_grad
         self.separate_calls = separate_calls
@@ -251,7 +253,9 @@ class ComfyDenoiser:
         self, z: Tensor, t: int, context: Tensor, values: Tensor | None,
         cond_or_uncond: list[int], step: int | None, controller: Controller | None,
     ) -> Tensor:
-        """One ``apply_model`` call on a batch made of ``cond_or_uncond`` chunks."""
+        """One ``apply_model`` call on a batch made of ``cond_or_uncond`` chunks; Cancel is
+        checked before it, so a run stops within one UNet call."""
+        check_interrupt()
         device = self.device
         sig = self.sigma(t)
         sigma = torch.full((z.shape[0],), sig, dtype=torch.float32, device=device)
@@ -264,12 +268,31 @@ class ComfyDenoiser:
             call.step_sigmas = torch.tensor([sig], dtype=torch.float64)
             call.step_ids = (int(step),)
         chunk = z.shape[0] // len(cond_or_uncond)
-        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        options = transformer_options(self.patcher)
         options.update(cond_or_uncond=list(cond_or_uncond), sigmas=sigma[:chunk], **{STATE_KEY: call})
         extra = {} if pooled is None else {"y": self._vector(pooled, z.shape[-2:])}
         denoised = self._apply_model(x, sigma, context, options, cond_or_uncond, extra)
         self.attention_dtypes |= call.seen
         return (x - denoised) / sigma.view(-1, 1, 1, 1)
+
+    def guide(
+        self, z: Tensor, t: int, eps_u: Tensor, eps_c: Tensor, w: float, *,
+        cond: Tensor, uncond: Tensor,
+    ) -> Tensor | None:
+        """Guided ε by the MODEL's CFG functions (RescaleCFG, PAG, APG, …) as ComfyUI's
+        samplers apply them (``patches.cfg_eps``); None when it carries none (then the engine's
+        plain ε_∅ + w(ε_c − ε_∅) applies). z, ε_∅, ε_c [B, 4, h, w]; cond, uncond: the rows'
+        contexts [B, L, D], made ComfyUI conds for the functions that run the UNet again."""
+        if not has_cfg_functions(self.source):
+            return None
+        check_interrupt()  # some functions run the UNet again (PAG's perturbed pass)
+        self.load()
+        return cfg_eps(self.source, self.patcher, z, self.sigma(t), eps_u, eps_c, w,
+                       self._conds(cond, z.shape[-2:]), self._conds(uncond, z.shape[-2:]))
+
+    def _conds(self, contexts: Tensor, latent_hw: torch.Size) -> list[dict[str, Any]]:
+        context, pooled = self.family.unpack(contexts.to(self.device))
+        return comfy_conds(context, None if pooled is None else self._vector(pooled, latent_hw))
 
     def _vector(self, pooled: Tensor, latent_hw: torch.Size) -> Tensor:
         """SDXL's vector input y = [pooled | size embeddings]: ComfyUI's ``encode_adm`` with the

@@ -4,7 +4,6 @@ swaps in a value input. The per-call state travels in ``transformer_options[STAT
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +12,8 @@ import torch
 from torch import Tensor
 
 from ...denoiser import Controller, Site, sdpa
+from .patches import displaced_hook
 from .rows import rows_from_chunks
-
-log = logging.getLogger(__name__)
 
 STATE_KEY = "nti_call"  # transformer_options key of the per-call state
 BlockKey = tuple[str, int, int]  # ComfyUI's (block name, number, depth within the transformer)
@@ -86,11 +84,24 @@ def _plain_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, extra: dict[st
     )
 
 
-def make_replace(site: Site, bound: Controller | None = None) -> Callable[..., Tensor]:
+def _plain_attention_fn(q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Any]) -> Tensor:
+    return _plain_attention(q, k, v, int(extra["n_heads"]), extra)
+
+
+def make_replace(
+    site: Site, bound: Controller | None = None, displaced: Callable[..., Tensor] | None = None
+) -> Callable[..., Tensor]:
     """An attn1/attn2 replace function for one site: q, k, v [B, N, h·d] → [B, Nq, h·d].
 
     The controller comes from the call state (eps path) or, without one, from ``bound``
     (a MODEL patched for ComfyUI's own samplers; closures survive ``ModelPatcher.clone``).
+
+    ``displaced`` is another pack's replace function at this block (IPAdapter's
+    CrossAttentionPatch). Without a controller it runs instead of plain attention: its output
+    is exactly what it would be without us. With one, the output is the controller's
+    attention plus the hook's contribution, displaced(q, k, v) − attention(q, k, v): exact for
+    hooks of IPAdapter's form (base attention + added terms), an approximation for a hook that
+    changes the base attention itself.
     """
 
     def replace(q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Any]) -> Tensor:
@@ -100,12 +111,15 @@ def make_replace(site: Site, bound: Controller | None = None) -> Callable[..., T
         controller = call.controller if call is not None else bound
         heads = int(extra["n_heads"])
         if controller is None:
-            return _plain_attention(q, k, v, heads, extra)
+            return (displaced or _plain_attention_fn)(q, k, v, extra)
         rows = rows_from_chunks(list(extra["cond_or_uncond"]), q.shape[0], q.device)
-        return controller.attend(
+        out = controller.attend(
             q, k, v, heads=heads, site=site, hw=_hw(extra, q.shape[1]),
             step=_call_step(extra, call), rows=rows,
         )
+        if displaced is None:
+            return out
+        return out + (displaced(q, k, v, extra) - _plain_attention(q, k, v, heads, extra))
 
     return replace
 
@@ -162,15 +176,13 @@ def patch_model(model: Any, controller: Controller | None = None) -> Any:
     """A clone of ``model`` with the replace hooks on every transformer block and the value patch.
 
     ``controller`` is bound for use through ComfyUI's own samplers (the step then comes from
-    ``sample_sigmas``); ``ComfyDenoiser`` passes its controller per call instead.
+    ``sample_sigmas``); ``ComfyDenoiser`` passes its controller per call instead. Another
+    pack's replace hook at a block ours take is called inside ours (``make_replace``).
     """
     patched = model.clone()
-    replaced = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
     for name, key in [(n, k) for n in ("attn1", "attn2") for k in transformer_keys(model)]:
-        if key in replaced.get(name, {}):
-            log.warning("[NTI] replacing another %s hook at %s (it will not run)", name, key)
         site = Site(key[0], key[1], key[2], name == "attn2")
         setter = patched.set_model_attn1_replace if name == "attn1" else patched.set_model_attn2_replace
-        setter(make_replace(site, controller), key[0], key[1], key[2])
+        setter(make_replace(site, controller, displaced_hook(model, name, key)), *key)
     patched.set_model_attn2_patch(value_patch)
     return patched

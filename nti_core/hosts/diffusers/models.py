@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SD1_SCALING = 0.18215
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' names → Family's
 PIPELINES = {"StableDiffusionPipeline": (SD1, SD2), "StableDiffusionXLPipeline": (SDXL,)}
+WEIGHTS = ("unet", "vae", "text_encoder")  # the parts with weights (SDXL: also text_encoder_2)
 
 
 @dataclass
@@ -245,10 +246,23 @@ def check_model_path(path: str | Path) -> Path:
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ValueError(f"{p} is not a diffusers folder (no model_index.json)")
-        folder_family(p)
+        check_safetensors(p, folder_family(p))
     else:
         check_sd1_family(read_header(p)[0], p.name)
     return p
+
+
+def check_safetensors(folder: Path, family: Family) -> None:
+    """Refuse a folder part whose weights are pickles only (``.bin``, ``.pt``): nothing is
+    unpickled (the loaders pass ``use_safetensors=True`` too)."""
+    for part in WEIGHTS + (("text_encoder_2",) if family.pooled_dim else ()):
+        files = sorted(f.name for f in (folder / part).glob("*") if f.suffix != ".json")
+        if not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(
+                f"{folder.name}/{part} has no .safetensors weights (found {files or 'none'}): "
+                "pickled weights (.bin, .pt) are not loaded, as unpickling can run code; download "
+                "the model's .safetensors files, or convert the folder where you trust it "
+                "(diffusers: from_pretrained(folder).save_pretrained(new_folder))")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
@@ -281,7 +295,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline.from_pretrained(
-            p, torch_dtype=torch_dtype, local_files_only=True, add_watermarker=False)
+            p, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True,
+            add_watermarker=False)
         vae = pipe.vae.to(device)
         if torch_dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
             vae = vae.to(torch.float32)
@@ -291,7 +306,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(
-            p, torch_dtype=torch_dtype, local_files_only=True, safety_checker=None)
+            p, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True,
+            safety_checker=None)
         model = SDModel(pipe.unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device),
                         pipe.tokenizer, alphas, p.name, family)
     log.debug("%s: %s", p.name, family.label)
