@@ -159,6 +159,40 @@ def test_resources_separate_cond_uncond_calls_give_the_same_images(
         assert float(diff.max()) <= 2 / 255, name
 
 
+def test_resources_cond_and_uncond_split_when_the_batch_does_not_fit(
+        quarter_sd15: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the batch does not fit (the model's memory estimate × 1.5 above the free memory),
+    cond and uncond go in separate UNet calls by ComfyUI's own rule: the same ε as forced
+    separate calls, bit for bit, and as one batched call to rounding."""
+    import comfy.model_management as mm
+
+    from nti_core.denoiser import Rows
+    from nti_core.hosts.comfy import ComfyDenoiser
+
+    seen: list[list[int]] = []
+
+    def record(apply_model: Any, args: dict[str, Any]) -> Any:
+        seen.append(list(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    watched = quarter_sd15[0].clone()
+    watched.set_model_unet_function_wrapper(record)
+    g = torch.Generator().manual_seed(0)
+    z, ctx = torch.randn(2, 4, SIDE, SIDE, generator=g), torch.randn(2, 77, 768, generator=g)
+    rows = Rows.cfg(1)
+    with torch.no_grad():
+        batched = ComfyDenoiser(watched).eps(z, 500, ctx, rows=rows)
+        assert seen == [[1, 0]]
+        forced = ComfyDenoiser(watched, separate_calls=True).eps(z, 500, ctx, rows=rows)
+        seen.clear()
+        free = mm.get_free_memory(watched.load_device)
+        monkeypatch.setattr(watched.model, "memory_required", lambda *args, **kwargs: free)
+        split = ComfyDenoiser(watched).eps(z, 500, ctx, rows=rows)
+    assert seen == [[1], [0]]
+    torch.testing.assert_close(split, forced, atol=0, rtol=0)
+    torch.testing.assert_close(split, batched, atol=1e-4, rtol=0)
+
+
 def test_resources_queued_prompts_sharing_a_cached_inversion(comfy_server) -> None:
     """After a cache reset, two prompts with one inversion and different plans, queued back to
     back: the second reuses the first's DDIM Invert and Null-Text Optimize (ComfyUI's cache),

@@ -59,8 +59,9 @@ class ComfyDenoiser:
     ``checkpointing`` (None: on when that memory is not free on the device; True / False
     force it): gradient checkpointing of every ResBlock and transformer block — the same
     result, activations recomputed in the backward instead of kept. Build the graph inside
-    ``autograd()``. ``separate_calls`` runs every chunk (branch) in its own UNet call, as
-    ComfyUI does under memory pressure. ``attention_dtypes`` collects the dtypes of the queries
+    ``autograd()``. ``separate_calls`` runs every chunk (branch) in its own UNet call; without
+    it, a call that records no gradient does so when the batch does not fit in free memory
+    (ComfyUI's own rule, ``_batch_fits``). ``attention_dtypes`` collects the dtypes of the queries
     the attention hooks received (what the UNet really computed in). ``compute`` makes a
     sampling denoiser compute in another dtype than the MODEL (ComfyUI casts per layer): the
     dtype the ∅ it samples with were optimised in (``precision.sampling_dtype``).
@@ -201,9 +202,9 @@ class ComfyDenoiser:
         rows = Rows.cond(b) if rows is None else rows
         if len(rows) != b:
             raise ValueError(f"{b} latents need {b} row labels, got {len(rows)}")
-        calls = plan_calls(rows, self.separate_calls)
         self.load()
         record = self._records_grad(z, context, value_context)
+        calls = plan_calls(rows, self.separate_calls or not (record or self._batch_fits(z)))
         scope = torch.inference_mode(False) if record else contextlib.nullcontext()
         with scope:
             z, context, value_context = (usable(x, record) for x in (z, context, value_context))
@@ -217,6 +218,20 @@ class ComfyDenoiser:
             ]
             eps = torch.cat(out) if len(out) > 1 else out[0]
         return eps.to(device=z.device, dtype=z.dtype)
+
+    def _batch_fits(self, z: Tensor) -> bool:
+        """ComfyUI's own rule for batching cond and uncond (``samplers._calc_cond_batch``): one
+        UNet call when the model's memory estimate for the whole batch × 1.5 is free on the
+        device; else one call per branch, as ComfyUI's samplers do under memory pressure."""
+        import comfy.model_management as mm
+
+        need = self.patcher.model.memory_required(list(z.shape)) * 1.5
+        free = mm.get_free_memory(self.device)
+        if need < free:
+            return True
+        log.debug("[NTI] cond and uncond in separate UNet calls: %.2f GB needed, %.2f GB free",
+                  need / 1e9, free / 1e9)
+        return False
 
     def _check_inputs(
         self, z: Tensor, context: Tensor, value_context: Tensor | None,
