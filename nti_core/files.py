@@ -233,7 +233,7 @@ def _digest(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
     for k in sorted(tensors):
         v = tensors[k].contiguous()
         h.update(f"{k} {v.dtype} {list(v.shape)}".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy())
+        h.update(v.reshape(-1).view(torch.uint8).cpu().numpy())  # CPU already: a no-op
     return h.hexdigest()
 
 
