@@ -134,7 +134,7 @@ def test_patches_displaced_hook_runs_in_plain_and_controlled_rows(comfy_sd15: An
                                atol=1e-5, rtol=0)
 
 
-def test_patches_displaced_hook_adds_its_term_to_the_controller() -> None:
+def test_patches_displaced_hook_adds_its_term_to_the_controller(comfy_root: Any) -> None:
     """Controlled rows: controller's attention + (hook − plain attention), exactly the added term."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 16, 64, generator=g) for _ in range(3))
