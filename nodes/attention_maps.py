@@ -3,6 +3,8 @@ and the edit's LocalBlend mask."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from comfy_api.latest import io
 
@@ -20,7 +22,7 @@ from ..nti_core.attention.maps import (
 from ..nti_core.images import heatmap_grid
 from ..nti_core.trajectory import Trajectory
 from . import types
-from .common import CATEGORY, family_tokenizer, rgb_image
+from .common import CATEGORY, family_tokenizer, queue_check, rgb_image
 
 
 def pick_maps(attention: AttentionMaps | None, trajectory: Trajectory | None) -> AttentionMaps:
@@ -100,13 +102,7 @@ class NTIAttentionMaps(io.ComfyNode):
     def validate_inputs(cls, step_start: float | None = None,
                         step_end: float | None = None) -> bool | str:
         """Fractions in order when the prompt is queued, before the sampling they follow."""
-        if step_start is None or step_end is None:
-            return True
-        try:
-            step_range(1, step_start, step_end)
-        except ValueError as e:
-            return str(e)
-        return True
+        return queue_check(functools.partial(step_range, 1), step_start, step_end)
 
     @classmethod
     def execute(cls, image, row: int, sizes: str, step_start: float, step_end: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,19 @@ def make_denoiser(model: Any, for_grad: bool = False, clip: Any = None,
     if clip is not None:
         check_pair(den.family, clip)
     return den
+
+
+def queue_check(check: Callable[..., object], *values: Any) -> bool | str:
+    """``validate_inputs``' answer when the prompt is queued: True when a value is linked (None
+    here: the node checks it when it runs) or ``check(*values)`` passes, else the message of
+    the ValueError it raised, which ComfyUI shows on the node."""
+    if any(v is None for v in values):
+        return True
+    try:
+        check(*values)
+    except ValueError as e:
+        return str(e)
+    return True
 
 
 def precision_input() -> Any:

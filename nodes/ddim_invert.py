@@ -23,6 +23,7 @@ from .common import (
     latent_out,
     make_denoiser,
     progress_bar,
+    queue_check,
     trajectory_to,
 )
 
@@ -74,13 +75,9 @@ class NTIDDIMInvert(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, source_prompt: str | None = None) -> bool | str:
         """Empty or over-long prompts fail when the prompt is queued, not after loading."""
-        if source_prompt is None:
-            return True  # linked: checked at execution
-        try:
-            tokenize(family_tokenizer(), check_prompt(source_prompt, "source prompt"))
-        except ValueError as e:
-            return str(e)
-        return True
+        return queue_check(lambda prompt: tokenize(family_tokenizer(),
+                                                   check_prompt(prompt, "source prompt")),
+                           source_prompt)
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt: str, steps: int,

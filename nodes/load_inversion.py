@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..nti_core.files import check_inversion_file, confined, inside, load_inversion_all
 from . import types
-from .common import CATEGORY, make_denoiser
+from .common import CATEGORY, make_denoiser, queue_check
 
 SUFFIX = ".safetensors"
 SUBFOLDER = "nti"  # where Save Inversion (NTI) writes by default, under output/ and input/
@@ -87,13 +87,7 @@ class NTILoadInversion(io.ComfyNode):
     def validate_inputs(cls, inversion: str | None = None) -> bool | str:
         """Refuse a bad name or file (read from its header) when the prompt is queued (None: a
         link, checked when the node runs)."""
-        if inversion is None:
-            return True
-        try:
-            check_inversion_file(resolve(inversion))
-        except ValueError as e:
-            return str(e)
-        return True
+        return queue_check(lambda name: check_inversion_file(resolve(name)), inversion)
 
     @classmethod
     def fingerprint_inputs(cls, inversion: str, **kwargs) -> str:

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..nti_core.files import confined, save_numbered
 from ..nti_core.trajectory import Trajectory, UncondEmbeddings, ValueEmbeddings
 from . import types
-from .common import CATEGORY
+from .common import CATEGORY, queue_check
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,7 @@ class NTISaveInversion(io.ComfyNode):
     def validate_inputs(cls, filename_prefix: str | None = None) -> bool | str:
         """Refuse a bad prefix when the prompt is queued, before the inversion runs (None: a
         link, checked when the node runs)."""
-        if filename_prefix is None:
-            return True
-        try:
-            check_prefix(filename_prefix)
-        except ValueError as e:
-            return str(e)
-        return True
+        return queue_check(check_prefix, filename_prefix)
 
     @classmethod
     def execute(cls, trajectory: Trajectory, uncond: UncondEmbeddings,
